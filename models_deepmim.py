@@ -1,0 +1,486 @@
+"""DeepMIM: masked autoencoders with deep supervision (paper Sec. 3, Fig. 2).
+
+An MAE whose ViT encoder sees only the visible patches, with one light Transformer decoder on each of several
+encoder blocks (default: blocks 6, 8, 10 and 12 of ViT-B, Tab. 8). Every decoder sees the same mask and the losses
+are summed (Eq. 2). A model with a single decoder on the last block is exactly MAE, so the `mae_*` baselines are
+the same class with other arguments.
+
+Key names stay MAE/timm compatible for the encoder (`patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.N.*`,
+`norm`); decoders live under `decoders.<block>.*` (or `decoders.shared.*`). `load_pretrained` maps the released
+MAE and DeepMIM key layouts onto this model.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Callable, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import PatchEmbed, build_sincos2d_pos_embed
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+LossType = Literal["mse", "cosine"]
+SHARED_KEY = "shared"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small pure functions: position embeddings, masking, patchify
+# --------------------------------------------------------------------------------------------------------------
+
+
+def sincos_pos_embed(grid_size: tuple[int, int], dim: int, cls_token: bool = True) -> Tensor:
+    """Fixed 2-D sin-cos position embedding in MAE's channel layout.
+
+    timm builds the embedding as [sin(h), sin(w), cos(h), cos(w)] (each dim/4 wide); MAE's released checkpoints use
+    [sin(w), cos(w), sin(h), cos(h)]. We reorder timm's output so fresh models match MAE exactly.
+
+    Returns: (1, [1 +] H*W, dim); the cls row is zero.
+    """
+    emb = build_sincos2d_pos_embed(list(grid_size), dim=dim)  # (H*W, dim)
+    sin_h, sin_w, cos_h, cos_w = emb.chunk(4, dim=1)
+    emb = torch.cat([sin_w, cos_w, sin_h, cos_h], dim=1)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, dim), emb], dim=0)
+    return emb.unsqueeze(0)
+
+
+class Masking(NamedTuple):
+    """Indices of one random masking. mask: (N, L), 1 = removed; ids_restore: (N, L) unshuffles the token order;
+    ids_keep: (N, L_vis) visible positions; ids_masked: (N, L_m) removed positions, ascending."""
+
+    mask: Tensor
+    ids_restore: Tensor
+    ids_keep: Tensor
+    ids_masked: Tensor
+
+
+def num_visible(num_patches: int, mask_ratio: float) -> int:
+    """Number of patches the encoder sees: int(L * (1 - r)), as in MAE."""
+    return int(num_patches * (1 - mask_ratio))
+
+
+def random_masking(noise: Tensor, mask_ratio: float) -> Masking:
+    """Per-sample random masking by argsort of noise (MAE): the smallest noise values are kept.
+
+    noise: (N, L) in any range; the same noise always gives the same mask, which is how decoders, the hybrid
+    target generator and visualisations share one mask.
+    """
+    n, length = noise.shape
+    len_keep = num_visible(length, mask_ratio)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    ids_masked = ids_shuffle[:, len_keep:].sort(dim=1).values
+    mask = torch.ones(n, length, device=noise.device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return Masking(mask, ids_restore, ids_keep, ids_masked)
+
+
+def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
+    """x: (N, L, C), ids: (N, K) -> (N, K, C)."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def scatter_masked(pred: Tensor, mask: Tensor, fill: Tensor | None = None) -> Tensor:
+    """Put predictions of the masked patches back on the full grid.
+
+    pred: (N, L_m, C) in ascending position order (as `forward` returns them); mask: (N, L), 1 = removed;
+    fill: optional (N, L, C) values for the visible positions (zeros otherwise). Returns (N, L, C).
+    """
+    n, length = mask.shape
+    out = torch.zeros(n, length, pred.shape[-1], dtype=pred.dtype, device=pred.device) if fill is None else fill.clone()
+    out[mask.bool()] = pred.reshape(-1, pred.shape[-1]).to(out.dtype)
+    return out
+
+
+def patchify(imgs: Tensor, patch_size: int) -> Tensor:
+    """imgs: (N, C, H, W) -> (N, L, p*p*C), MAE's channel-last order inside each patch."""
+    n, c, h, w = imgs.shape
+    p = patch_size
+    x = imgs.reshape(n, c, h // p, p, w // p, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: Tensor, patch_size: int, grid_size: tuple[int, int], channels: int = 3) -> Tensor:
+    """x: (N, L, p*p*C) -> (N, C, H, W); inverse of `patchify`."""
+    n = x.shape[0]
+    p, (gh, gw) = patch_size, grid_size
+    x = x.reshape(n, gh, gw, p, p, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(n, channels, gh * p, gw * p)
+
+
+def normalize_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:
+    """Per-patch normalisation of pixel targets (MAE's `--norm_pix_loss`): zero mean, unit variance per patch."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return (patches - mean) / (var + eps) ** 0.5
+
+
+def reconstruction_loss(pred: Tensor, target: Tensor, loss_type: LossType = "mse") -> Tensor:
+    """Mean loss over the masked patches. pred, target: (N, L_m, C).
+
+    mse: MAE's per-patch mean squared error, averaged over patches (Eq. 2's l2 term).
+    cosine: 2 - 2 cos(pred, target) per patch, the loss of the released DeepMIM-CLIP code.
+    """
+    pred, target = pred.float(), target.float()
+    if loss_type == "mse":
+        return (pred - target).pow(2).mean()
+    if loss_type == "cosine":
+        return (2 - 2 * F.cosine_similarity(pred, target, dim=-1)).mean()
+    raise ValueError(f"loss_type must be 'mse' or 'cosine', got {loss_type!r}")
+
+
+def default_supervised_blocks(depth: int) -> tuple[int, ...]:
+    """DeepMIM's taps at depth * {1/2, 2/3, 5/6, 1}: blocks 6, 8, 10, 12 for a 12-block ViT (paper Sec. 3, Tab. 8)."""
+    return tuple(sorted({max(1, round(depth * f)) for f in (1 / 2, 2 / 3, 5 / 6, 1)}))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The decoder (one class, instantiated once per supervised block)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Decoder(nn.Module):
+    """MAE's light decoder: embed visible tokens, insert mask tokens, add a fixed position embedding, run
+    Transformer blocks, predict the target of each patch. DeepMIM uses 4 blocks of width 512 (paper Sec. 3)."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        grid_size: tuple[int, int],
+        pred_dim: int,
+        decoder_embed_dim: int = 512,
+        depth: int = 4,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+    ):
+        super().__init__()
+        num_patches = grid_size[0] * grid_size[1]
+        self.embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            Block(decoder_embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)
+        )
+        self.norm = norm_layer(decoder_embed_dim)
+        self.pred = nn.Linear(decoder_embed_dim, pred_dim)
+        self.pos_embed.data.copy_(sincos_pos_embed(grid_size, decoder_embed_dim))
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, latent: Tensor, ids_restore: Tensor, ids_predict: Tensor | None = None) -> Tensor:
+        """latent: (N, 1 + L_vis, D) encoder tokens, cls first; ids_restore: (N, L).
+
+        ids_predict: (N, K) positions whose prediction is wanted (the masked ones during training: the head then
+        runs on K tokens only); None predicts all L patches. Returns (N, K or L, pred_dim).
+        """
+        x = self.embed(latent)
+        n, length = ids_restore.shape
+        mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
+        patches = gather_tokens(torch.cat([x[:, 1:], mask_tokens], dim=1), ids_restore)
+        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)[:, 1:]
+        if ids_predict is not None:
+            x = gather_tokens(x, ids_predict)
+        return self.pred(x)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Encoder with multiple decoders
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MaskedAutoencoderDeepMIM(nn.Module):
+    """ViT encoder (visible patches only) with one decoder per supervised block.
+
+    Args:
+        supervised_blocks: 1-based encoder blocks that feed a decoder; must include the last block. Intermediate
+            taps are raw block outputs; the last block's output passes through the final norm (as MAE and the
+            released DeepMIM code do).
+        shared_decoder: one decoder for every tap (Tab. 10 ablation) instead of independent ones (paper default).
+        loss_weights: per-decoder weights of Eq. 2, default 1 each.
+        norm_pix_loss: per-patch normalised pixel targets when no targets are given to `forward`.
+        pred_dim: width of each prediction head; default p*p*3 pixels. Other targets (HOG, CLIP) set it.
+        loss_type: 'mse' (pixels, HOG) or 'cosine' (teacher features).
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        supervised_blocks: Sequence[int] | None = None,
+        shared_decoder: bool = False,
+        loss_weights: Sequence[float] | None = None,
+        norm_pix_loss: bool = False,
+        pred_dim: int | None = None,
+        loss_type: LossType = "mse",
+    ):
+        super().__init__()
+        self.supervised_blocks = tuple(supervised_blocks or (depth,))
+        check_supervised_blocks(self.supervised_blocks, depth)
+        self.loss_weights = tuple(loss_weights or [1.0] * len(self.supervised_blocks))
+        if len(self.loss_weights) != len(self.supervised_blocks):
+            raise ValueError(f"loss_weights has {len(self.loss_weights)} values for {len(self.supervised_blocks)} blocks")
+        self.patch_size, self.in_chans, self.depth = patch_size, in_chans, depth
+        self.norm_pix_loss, self.loss_type = norm_pix_loss, loss_type
+        self.shared_decoder = shared_decoder
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.grid_size = tuple(self.patch_embed.grid_size)
+        self.num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)
+        )
+        self.norm = norm_layer(embed_dim)
+
+        # DeepMIM: decoders also read intermediate blocks (paper Sec. 3, Tab. 8); one class, N instances (Tab. 10).
+        self.pred_dim = pred_dim or patch_size**2 * in_chans
+        make_decoder = partial(
+            Decoder, embed_dim, self.grid_size, self.pred_dim, decoder_embed_dim, decoder_depth, decoder_num_heads,
+            mlp_ratio, norm_layer,
+        )
+        keys = [SHARED_KEY] if shared_decoder else [str(b) for b in self.supervised_blocks]
+        self.decoders = nn.ModuleDict({k: make_decoder() for k in keys})
+        self._init_weights()
+
+    # -- initialisation (MAE's) --------------------------------------------------------------------------------
+    def _init_weights(self) -> None:
+        self.pos_embed.data.copy_(sincos_pos_embed(self.grid_size, self.pos_embed.shape[-1]))
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # like nn.Linear, as MAE does
+        nn.init.normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (fnmatch patterns) excluded from weight decay besides biases and norms: tokens and pos-embeds."""
+        return {"cls_token", "pos_embed", "decoders.*.mask_token", "decoders.*.pos_embed"}
+
+    def decoder_for(self, block: int) -> Decoder:
+        return self.decoders[SHARED_KEY if self.shared_decoder else str(block)]
+
+    # -- forward pieces ------------------------------------------------------------------------------------------
+    def make_noise(self, batch_size: int, device: torch.device | str) -> Tensor:
+        """Masking noise (N, L); draw it outside `forward` to share one mask with a generator or a plot."""
+        return torch.rand(batch_size, self.num_patches, device=device)
+
+    def forward_encoder(
+        self, imgs: Tensor, mask_ratio: float, noise: Tensor | None = None
+    ) -> tuple[dict[int, Tensor], Masking]:
+        """imgs: (N, 3, H, W) -> ({block: (N, 1 + L_vis, D)}, masking). Encoder sees visible patches only."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
+        if noise is None:
+            noise = self.make_noise(x.shape[0], x.device)
+        masking = random_masking(noise, mask_ratio)
+        x = gather_tokens(x, masking.ids_keep)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        latents = {}
+        for index, blk in enumerate(self.blocks, start=1):
+            x = blk(x)
+            if index in self.supervised_blocks:
+                latents[index] = self.norm(x) if index == self.depth else x
+        return latents, masking
+
+    def pixel_targets(self, imgs: Tensor) -> Tensor:
+        """Pixel targets (N, L, p*p*3), per-patch normalised with `norm_pix_loss` (MAE)."""
+        target = patchify(imgs, self.patch_size)
+        return normalize_patches(target) if self.norm_pix_loss else target
+
+    def forward(
+        self,
+        imgs: Tensor,
+        mask_ratio: float = 0.75,
+        noise: Tensor | None = None,
+        targets: Tensor | Mapping[int, Tensor] | None = None,
+    ) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor], Tensor]:
+        """One DeepMIM step.
+
+        imgs: (N, 3, H, W). noise: (N, L) masking noise (drawn here when None). targets: (N, L, C) shared by every
+        decoder, or {block: (N, L, C)} per decoder (hybrid targets, Eq. 1); pixel targets when None.
+
+        Returns total loss (Eq. 2: weighted sum), {block: loss}, {block: pred (N, L_m, C) for the masked patches in
+        ascending position order, see `scatter_masked`}, mask (N, L) with 1 = removed.
+        """
+        latents, masking = self.forward_encoder(imgs, mask_ratio, noise)
+        if targets is None:
+            targets = self.pixel_targets(imgs)
+        preds, losses = {}, {}
+        for block in self.supervised_blocks:
+            preds[block] = self.decoder_for(block)(latents[block], masking.ids_restore, masking.ids_masked)
+            target = targets[block] if isinstance(targets, Mapping) else targets
+            losses[block] = reconstruction_loss(preds[block], gather_tokens(target, masking.ids_masked), self.loss_type)
+        loss = sum(w * losses[b] for w, b in zip(self.loss_weights, self.supervised_blocks))
+        return loss, losses, preds, masking.mask
+
+
+def check_supervised_blocks(blocks: Sequence[int], depth: int) -> None:
+    """Raise ValueError unless blocks are distinct, within 1..depth, and include the last block."""
+    if not blocks:
+        raise ValueError("supervised_blocks must name at least one block")
+    bad = [b for b in blocks if not 1 <= b <= depth]
+    if bad:
+        raise ValueError(f"supervised_blocks {bad} outside 1..{depth} (the encoder depth)")
+    if len(set(blocks)) != len(blocks):
+        raise ValueError(f"supervised_blocks {list(blocks)} repeats a block")
+    if depth not in blocks:
+        # Every configuration in the paper supervises the last block (Tab. 8); blocks after the last tap would
+        # otherwise receive no gradient.
+        raise ValueError(f"supervised_blocks {list(blocks)} must include the last block ({depth})")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------------------
+
+_ENCODERS = {  # name: (patch_size, embed_dim, depth, num_heads)
+    "vit_small_patch16": (16, 384, 12, 6),
+    "vit_base_patch16": (16, 768, 12, 12),
+    "vit_large_patch16": (16, 1024, 24, 16),
+    "vit_huge_patch14": (14, 1280, 32, 16),
+}
+MODELS: dict[str, Callable[..., MaskedAutoencoderDeepMIM]] = {}
+
+
+def _register(prefix: str, encoder: str, **defaults) -> None:
+    patch_size, embed_dim, depth, num_heads = _ENCODERS[encoder]
+    name = f"{prefix}_{encoder}"
+
+    def factory(**kwargs) -> MaskedAutoencoderDeepMIM:
+        cfg = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, **defaults)
+        cfg.update({k: v for k, v in kwargs.items() if v is not None})
+        if prefix == "deepmim" and cfg.get("supervised_blocks") is None:
+            cfg["supervised_blocks"] = default_supervised_blocks(cfg["depth"])
+        return MaskedAutoencoderDeepMIM(**cfg)
+
+    factory.__name__ = name
+    factory.__doc__ = f"{prefix.upper()} with a {encoder} encoder; defaults {defaults}."
+    MODELS[name] = factory
+
+
+for _encoder in _ENCODERS:
+    # DeepMIM: four independent 512-d decoders of 4 blocks on depth * {1/2, 2/3, 5/6, 1} (paper Sec. 3, Tab. 8).
+    _register("deepmim", _encoder, decoder_embed_dim=512, decoder_depth=4, decoder_num_heads=16)
+    # MAE baseline: one 512-d decoder of 8 blocks on the last block (MAE's own).
+    _register("mae", _encoder, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+
+
+def create_model(name: str, **kwargs) -> MaskedAutoencoderDeepMIM:
+    """Build a registered model; kwargs set to None keep the registry's defaults.
+
+    The result carries `model.config` ({"name": ..., **kwargs}), which checkpoints store as "model_cfg" so that
+    `model_from_config` rebuilds the same architecture.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+    kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items() if v is not None}
+    model = MODELS[name](**kwargs)
+    model.config = {"name": name, **kwargs}
+    return model
+
+
+def model_from_config(config: Mapping) -> MaskedAutoencoderDeepMIM:
+    """Inverse of `model.config`: rebuild a registered model from a checkpoint's "model_cfg"."""
+    config = dict(config)
+    return create_model(config.pop("name"), **config)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoint interoperability
+# --------------------------------------------------------------------------------------------------------------
+
+# MAE names its decoder parts `decoder_embed`, `mask_token`, ...; the released DeepMIM code appends 1..4 for the
+# decoders on blocks 6, 8, 10, 12 and shares one `decoder_pos_embed`.
+_RELEASED_DECODER_KEY = re.compile(
+    r"^(?P<part>decoder_embed|mask_token|decoder_blocks|decoder_norm|decoder_pred|decoder_pos_embed)"
+    r"(?P<index>\d*)(?P<rest>(\..*)?)$"
+)
+_PART_NAMES = {
+    "decoder_embed": "embed", "mask_token": "mask_token", "decoder_blocks": "blocks", "decoder_norm": "norm",
+    "decoder_pred": "pred", "decoder_pos_embed": "pos_embed",
+}
+
+
+class LoadReport(NamedTuple):
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[str]  # present on both sides with different shapes; left as initialised
+
+
+def convert_released_keys(state_dict: Mapping[str, Tensor], model: MaskedAutoencoderDeepMIM) -> dict[str, Tensor]:
+    """Rename released MAE / DeepMIM decoder keys to this model's `decoders.<key>.*` names.
+
+    Unsuffixed keys (MAE) go to the decoder on the last block; suffix k (released DeepMIM) to the model's k-th
+    supervised block; an unsuffixed `decoder_pos_embed` is shared by every decoder. Other keys pass unchanged.
+    """
+    decoder_keys = list(model.decoders.keys())
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        match = _RELEASED_DECODER_KEY.match(key)
+        if match is None:
+            out[key] = value
+            continue
+        part, index, rest = match["part"], match["index"], match["rest"]
+        if part == "decoder_pos_embed" and not index:
+            targets = decoder_keys
+        elif model.shared_decoder:
+            targets = [SHARED_KEY]
+        elif not index:
+            targets = [str(model.supervised_blocks[-1])]
+        else:
+            k = int(index)
+            targets = [str(model.supervised_blocks[k - 1])] if 1 <= k <= len(model.supervised_blocks) else []
+        if not targets:
+            out[key] = value  # a decoder this model does not have: reported as unexpected
+        for target in targets:
+            out[f"decoders.{target}.{_PART_NAMES[part]}{rest}"] = value
+    return out
+
+
+def load_pretrained(model: MaskedAutoencoderDeepMIM, state_dict: Mapping[str, Tensor]) -> LoadReport:
+    """Load this project's, MAE's or the released DeepMIM's weights into `model`; report what did not fit.
+
+    state_dict may be a full checkpoint ({'model': ...}). Tensors whose shape differs from the model's are left
+    as initialised and listed in `mismatched`.
+    """
+    if "model" in state_dict and isinstance(state_dict["model"], Mapping):
+        state_dict = state_dict["model"]
+    converted = convert_released_keys(state_dict, model)
+    own = model.state_dict()
+    mismatched = [k for k, v in converted.items() if k in own and own[k].shape != v.shape]
+    loadable = {k: v for k, v in converted.items() if k not in mismatched}
+    result = model.load_state_dict(loadable, strict=False)
+    report = LoadReport(sorted(set(result.missing_keys) | set(mismatched)), sorted(result.unexpected_keys), mismatched)
+    if report.missing or report.unexpected:
+        logger.info("load_pretrained: missing %s, unexpected %s, mismatched %s", *report)
+    return report

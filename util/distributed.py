@@ -1,0 +1,87 @@
+"""Rank and world helpers; process-group set-up from torchrun (env://) or submitit/SLURM.
+
+Backend: NCCL on CUDA, gloo on CPU. A plain `python main_*.py` runs as a single process with no process group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    distributed: bool = False
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def _env_int(*names: str) -> int | None:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return None
+
+
+def init_distributed(device: str, dist_url: str = "env://") -> DistInfo:
+    """Join the process group when launched by torchrun (RANK/WORLD_SIZE) or SLURM/submitit (SLURM_PROCID).
+
+    `dist_url` is MAE's flag: 'env://' reads MASTER_ADDR/PORT; a 'file://' or 'tcp://' URL works under SLURM.
+    """
+    rank = _env_int("RANK", "SLURM_PROCID")
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS")
+    if rank is None or world is None or world == 1:
+        return DistInfo()
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
+    use_cuda = device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    backend = "nccl" if use_cuda else "gloo"
+    dist.init_process_group(
+        backend, init_method=dist_url, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30)
+    )
+    logger.info("distributed init: rank %d/%d (%s, %s)", rank, world, backend, dist_url)
+    return DistInfo(rank, world, local_rank, True)
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over all ranks (returns a new tensor; identity without a process group)."""
+    value = value.detach().clone()
+    if is_dist():
+        dist.all_reduce(value)
+        value /= get_world_size()
+    return value
+
+
+def cleanup() -> None:
+    if is_dist():
+        dist.destroy_process_group()
