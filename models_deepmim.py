@@ -394,6 +394,20 @@ for _encoder in _ENCODERS:
     _register("mae", _encoder, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
 
+def encoder_depth(name: str, depth: int | None = None) -> int:
+    """Depth of a registered model's encoder (or the override), without building it."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+    return depth if depth is not None else _ENCODERS[name.split("_", 1)[1]][2]
+
+
+def encoder_patch_size(name: str, patch_size: int | None = None) -> int:
+    """Patch size of a registered model (or the override), without building it."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+    return patch_size if patch_size is not None else _ENCODERS[name.split("_", 1)[1]][0]
+
+
 def create_model(name: str, **kwargs) -> MaskedAutoencoderDeepMIM:
     """Build a registered model; kwargs set to None keep the registry's defaults.
 

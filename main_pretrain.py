@@ -1,0 +1,353 @@
+"""DeepMIM pre-training (paper Sec. 3, Appendix A).
+
+One process (CPU or one GPU):
+    python main_pretrain.py --data_path /path/to/imagenet --batch_size 64
+The paper's ViT-B recipe, batch 4096 = 4 nodes x 8 GPUs x 128 (or fewer GPUs with --accum_iter):
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 main_pretrain.py \
+        --model deepmim_vit_base_patch16 --batch_size 128 --norm_pix_loss --epochs 1600 --warmup_epochs 40 \
+        --blr 1.5e-4 --weight_decay 0.05 --data_path /path/to/imagenet --output_dir out/deepmim_b
+A one-minute CPU demo on real photographs shipped with scikit-image:
+    python main_pretrain.py --demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from timm.optim import param_groups_weight_decay
+
+import models_deepmim
+from engine_pretrain import TargetsFn, train_one_epoch
+from util import checkpoint as ckpt
+from util import distributed
+from util.datasets import DemoPhotos, build_pretrain_dataset, check_image_folder
+from util.misc import append_json_log, seed_everything, setup_logging
+
+logger = logging.getLogger("main_pretrain")
+
+AMP_CHOICES = ("bf16", "fp16", "none")
+
+# `--demo`: a small DeepMIM on 32x32 crops of real photographs, about a minute on two CPU cores.
+DEMO_SETTINGS = dict(
+    model="deepmim_vit_small_patch16", input_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4,
+    decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=4, batch_size=32, epochs=20, warmup_epochs=2,
+    blr=5e-3, norm_pix_loss=True, num_workers=0, save_freq=10, print_freq=10,
+)
+DEMO_OUTPUT_DIR = "./output_demo/pretrain"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """MAE's pre-training flags plus DeepMIM's; `add_help=False` so launchers can use it as a parent parser."""
+    parser = argparse.ArgumentParser("DeepMIM pre-training", add_help=False)
+    run = parser.add_argument_group("Run")
+    run.add_argument("--batch_size", default=64, type=int, help="images per process per step (paper: 4096 total)")
+    run.add_argument("--epochs", default=1600, type=int, help="paper Tab. 2: 1600; ablations: 300")
+    run.add_argument("--accum_iter", default=1, type=int, help="steps of gradient accumulation per update")
+    run.add_argument("--demo", action="store_true", help="tiny DeepMIM on built-in photographs; see DEMO_SETTINGS")
+
+    model = parser.add_argument_group("Model")
+    model.add_argument("--model", default="deepmim_vit_base_patch16", type=str, help="registered model name")
+    model.add_argument("--input_size", default=224, type=int, help="image size")
+    model.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed (MAE: 0.75)")
+    model.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalised pixels as targets")
+    model.add_argument("--patch_size", default=None, type=int, help="override the registry's patch size")
+    model.add_argument("--embed_dim", default=None, type=int, help="override the encoder width")
+    model.add_argument("--depth", default=None, type=int, help="override the encoder depth")
+    model.add_argument("--num_heads", default=None, type=int, help="override the encoder heads")
+
+    deepmim = parser.add_argument_group("DeepMIM")
+    deepmim.add_argument("--supervised_blocks", default=None, type=int, nargs="+",
+                         help="1-based encoder blocks with a decoder (default depth*{1/2,2/3,5/6,1}: 6 8 10 12)")
+    deepmim.add_argument("--decoder_embed_dim", default=None, type=int, help="decoder width (DeepMIM/MAE: 512)")
+    deepmim.add_argument("--decoder_depth", default=None, type=int, help="decoder blocks (DeepMIM: 4, MAE: 8)")
+    deepmim.add_argument("--decoder_num_heads", default=None, type=int, help="decoder heads (16)")
+    deepmim.add_argument("--shared_decoder", action="store_true", help="one decoder for every block (Tab. 10)")
+    deepmim.add_argument("--loss_weights", default=None, type=float, nargs="+",
+                         help="weight of each decoder's loss in Eq. 2 (default 1 each)")
+
+    optim = parser.add_argument_group("Optimizer (paper Appendix A)")
+    optim.add_argument("--weight_decay", default=0.05, type=float, help="AdamW weight decay")
+    optim.add_argument("--lr", default=None, type=float, help="absolute lr (default blr * eff_batch / 256)")
+    optim.add_argument("--blr", default=1.5e-4, type=float, help="base lr: lr = blr * eff_batch / 256")
+    optim.add_argument("--min_lr", default=0.0, type=float, help="floor of the cosine schedule")
+    optim.add_argument("--warmup_epochs", default=40, type=int, help="linear warm-up epochs")
+
+    system = parser.add_argument_group("System")
+    system.add_argument("--data_path", default=None, type=str, help="ImageFolder root (or its parent with train/)")
+    system.add_argument("--output_dir", default="./output_dir", type=str, help="checkpoints and log.txt")
+    system.add_argument("--log_dir", default=None, type=str, help="TensorBoard folder (default: output_dir)")
+    system.add_argument("--device", default=None, type=str, help="cuda or cpu (default: cuda when available)")
+    system.add_argument("--amp", default=None, choices=AMP_CHOICES,
+                        help="autocast dtype (default: bf16 where supported, fp16 on older GPUs, none on CPU)")
+    system.add_argument("--seed", default=0, type=int)
+    system.add_argument("--resume", default="", type=str, help="checkpoint to resume from")
+    system.add_argument("--start_epoch", default=0, type=int, help="first epoch (overridden by --resume)")
+    system.add_argument("--num_workers", default=10, type=int, help="data-loading processes per GPU")
+    system.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True, help="pin host memory")
+    system.add_argument("--dist_url", default="env://", type=str, help="process-group init URL")
+    system.add_argument("--save_freq", default=20, type=int, help="write checkpoint-<epoch>.pth every N epochs")
+    system.add_argument("--print_freq", default=20, type=int, help="log (and read losses) every N steps")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Arguments: defaults that depend on the machine, then validation before anything is built
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill machine-dependent defaults (--demo settings, device, amp, blocks) in place."""
+    if args.demo:
+        for key, value in DEMO_SETTINGS.items():
+            setattr(args, key, value)
+        if args.output_dir == "./output_dir":
+            args.output_dir = DEMO_OUTPUT_DIR
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.amp is None:
+        args.amp = default_amp(args.device)
+    if args.log_dir is None:
+        args.log_dir = args.output_dir
+    return args
+
+
+def default_amp(device: str) -> str:
+    """bf16 on GPUs that have it, fp16 (with a grad scaler) on older GPUs such as the paper's V100s, none on CPU."""
+    if not device.startswith("cuda"):
+        return "none"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the flag for any argument that cannot work. Runs before any model or data."""
+    if args.model not in models_deepmim.MODELS:
+        raise ValueError(f"--model {args.model!r} is unknown; choose from {', '.join(sorted(models_deepmim.MODELS))}")
+    for flag in ("batch_size", "epochs", "accum_iter", "input_size", "save_freq", "print_freq"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not 0 < args.mask_ratio < 1:
+        raise ValueError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
+    patch = models_deepmim.encoder_patch_size(args.model, args.patch_size)
+    if args.input_size % patch:
+        raise ValueError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")
+    num_patches = (args.input_size // patch) ** 2
+    visible = models_deepmim.num_visible(num_patches, args.mask_ratio)
+    if not 0 < visible < num_patches:
+        raise ValueError(f"--mask_ratio {args.mask_ratio} leaves {visible} of {num_patches} patches visible")
+    _validate_blocks(args)
+    if args.blr <= 0 or (args.lr is not None and args.lr <= 0):
+        raise ValueError("--blr and --lr must be > 0")
+    if args.warmup_epochs < 0 or args.weight_decay < 0 or args.min_lr < 0:
+        raise ValueError("--warmup_epochs, --weight_decay and --min_lr must be >= 0")
+    if not 0 <= args.start_epoch < args.epochs:
+        raise ValueError(f"--start_epoch must be in [0, --epochs={args.epochs}), got {args.start_epoch}")
+    if args.amp not in AMP_CHOICES:
+        raise ValueError(f"--amp must be one of {AMP_CHOICES}, got {args.amp!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    if args.resume and not Path(args.resume).is_file():
+        raise ValueError(f"--resume {args.resume}: no such file")
+    if not args.demo:
+        if args.data_path is None:
+            raise ValueError("--data_path is required (or use --demo for the built-in photographs)")
+        check_image_folder(args.data_path)
+
+
+def _validate_blocks(args: argparse.Namespace) -> None:
+    depth = models_deepmim.encoder_depth(args.model, args.depth)
+    if args.supervised_blocks is not None:
+        try:
+            models_deepmim.check_supervised_blocks(args.supervised_blocks, depth)
+        except ValueError as err:
+            raise ValueError(f"--supervised_blocks: {err}") from None
+    blocks = args.supervised_blocks or default_blocks(args.model, depth)
+    if args.loss_weights is not None and len(args.loss_weights) != len(blocks):
+        raise ValueError(f"--loss_weights has {len(args.loss_weights)} values for {len(blocks)} supervised blocks "
+                         f"{list(blocks)}; give one weight per block")
+
+
+def default_blocks(model_name: str, depth: int) -> tuple[int, ...]:
+    """The blocks a registered model supervises by default."""
+    if model_name.startswith("deepmim"):
+        return models_deepmim.default_supervised_blocks(depth)
+    return (depth,)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Building blocks of a run
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def build_dataset(args: argparse.Namespace) -> Dataset:
+    if args.demo:
+        return DemoPhotos(args.input_size, samples_per_photo=32)
+    return build_pretrain_dataset(args.data_path, args.input_size)
+
+
+def build_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
+    sampler = DistributedSampler(
+        dataset, num_replicas=distributed.get_world_size(), rank=distributed.get_rank(), shuffle=True, seed=args.seed
+    )
+    return DataLoader(
+        dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+        pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=True,
+    )
+
+
+def build_model(args: argparse.Namespace, pred_dim: int | None = None, loss_type: str = "mse"):
+    return models_deepmim.create_model(
+        args.model, img_size=args.input_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
+        depth=args.depth, num_heads=args.num_heads, decoder_embed_dim=args.decoder_embed_dim,
+        decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_num_heads,
+        supervised_blocks=args.supervised_blocks, shared_decoder=args.shared_decoder or None,
+        loss_weights=args.loss_weights, norm_pix_loss=args.norm_pix_loss, pred_dim=pred_dim,
+        loss_type=None if loss_type == "mse" else loss_type,
+    )
+
+
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW (0.9, 0.95) as MAE (paper Appendix A); no weight decay on biases, norms, tokens and pos-embeds."""
+    groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay())
+    fused = args.device.startswith("cuda")
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=fused or None)
+
+
+def build_targets_fn(args: argparse.Namespace, model: torch.nn.Module) -> TargetsFn | None:
+    """What the decoders reconstruct; None means the model's own pixel targets."""
+    return None
+
+
+def checkpoint_state(model, optimizer, scaler, epoch: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Everything needed to continue the run; plain containers and tensors only (loads with weights_only=True)."""
+    return {
+        "model": model.state_dict(), "model_cfg": model.config, "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(), "epoch": epoch, "iter": 0, "rng": gather_rng(),
+        "args": ckpt.plain_args(args), "git_sha": ckpt.git_sha(),
+    }
+
+
+def gather_rng() -> list[dict[str, Any]]:
+    """RNG states of every rank (index = rank), so a resumed run draws the same crops and masks."""
+    state = ckpt.capture_rng()
+    if not distributed.is_dist():
+        return [state]
+    states: list[Any] = [None] * distributed.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def save_checkpoint(state: dict[str, Any], args: argparse.Namespace, epoch: int) -> None:
+    out = Path(args.output_dir)
+    if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
+        ckpt.save_atomic(state, out / f"checkpoint-{epoch}.pth")
+    ckpt.save_atomic(state, out / "checkpoint-last.pth")
+
+
+def resume(model, optimizer, scaler, args: argparse.Namespace) -> None:
+    """Restore model, optimizer, scaler, epoch and this rank's RNG from `--resume`."""
+    state = ckpt.load_checkpoint(args.resume)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    args.start_epoch = state["epoch"] + 1
+    rng = state.get("rng") or []
+    if len(rng) == distributed.get_world_size():
+        ckpt.restore_rng(rng[distributed.get_rank()])
+    else:
+        logger.warning("resume: checkpoint has RNG for %d ranks, run has %d; RNG not restored", len(rng),
+                       distributed.get_world_size())
+    logger.info("resumed from %s (epoch %d)", args.resume, state["epoch"])
+
+
+def write_run_info(args: argparse.Namespace) -> None:
+    """The resolved arguments and the git SHA beside the checkpoints (STYLE habit 11)."""
+    if distributed.is_main_process():
+        info = {"args": ckpt.plain_args(args), "git_sha": ckpt.git_sha()}
+        (Path(args.output_dir) / "run_info.json").write_text(json.dumps(info, indent=2))
+
+
+def make_log_writer(args: argparse.Namespace):
+    if not distributed.is_main_process() or not args.log_dir:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=args.log_dir)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class RunResult(NamedTuple):
+    model: torch.nn.Module
+    stats: dict[str, float]
+
+
+def main(args: argparse.Namespace) -> RunResult:
+    """Pre-train; returns the trained model and the last epoch's averaged stats."""
+    resolve_args(args)
+    validate_args(args)
+    dist_info = distributed.init_distributed(args.device, args.dist_url)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    setup_logging(args.output_dir)
+    seed_everything(args.seed + dist_info.rank)
+    device = torch.device(args.device, dist_info.local_rank) if args.device == "cuda" else torch.device(args.device)
+
+    loader = build_loader(build_dataset(args), args)
+    model = build_model(args).to(device)
+    eff_batch = args.batch_size * args.accum_iter * dist_info.world_size
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256  # MAE / paper Appendix A: lr = base_lr * batch / 256
+    logger.info("model %s, blocks %s, eff. batch %d, lr %.3g, amp %s", args.model, model.supervised_blocks,
+                eff_batch, args.lr, args.amp)
+    optimizer = build_optimizer(model, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    if args.resume:
+        resume(model, optimizer, scaler, args)
+    targets_fn = build_targets_fn(args, model)
+    train_model = model
+    if dist_info.distributed:
+        device_ids = [dist_info.local_rank] if device.type == "cuda" else None
+        train_model = DistributedDataParallel(model, device_ids=device_ids, static_graph=True)
+    write_run_info(args)
+    log_writer = make_log_writer(args)
+
+    stats: dict[str, float] = {}
+    start = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(train_model, loader, optimizer, scaler, device, epoch, args, targets_fn, log_writer)
+        state = checkpoint_state(model, optimizer, scaler, epoch, args)
+        if distributed.is_main_process():
+            save_checkpoint(state, args, epoch)
+        append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch})
+        if log_writer is not None:
+            log_writer.flush()
+    logger.info("training time %s s", math.ceil(time.time() - start))
+    if log_writer is not None:
+        log_writer.close()
+    distributed.cleanup()
+    return RunResult(model, stats)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and validate; bad arguments exit with status 2 and a message naming the flag."""
+    parser = argparse.ArgumentParser("DeepMIM pre-training", parents=[get_args_parser()])
+    args = resolve_args(parser.parse_args(argv))
+    try:
+        validate_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,136 @@
+"""Pre-training entry point: argument validation, checkpoints, exact resume, 2-process DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import main_pretrain
+from conftest import ROOT, TINY_FLAGS, write_image_folder
+from util.checkpoint import load_checkpoint
+from util.misc import seed_everything
+
+
+def tiny_args(data: Path, out: Path, *extra: str):
+    argv = ["--data_path", str(data), "--output_dir", str(out), "--model", "deepmim_vit_small_patch16", *TINY_FLAGS,
+            "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "1", "--num_workers", "0", "--blr", "1e-3",
+            "--print_freq", "1", "--save_freq", "1", *extra]
+    return main_pretrain.parse_args(argv)
+
+
+def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_run_writes_checkpoints_logs_and_safe_args(image_folder, tmp_path):
+    out = tmp_path / "run"
+    result = main_pretrain.main(tiny_args(image_folder, out, "--supervised_blocks", "2", "4"))
+    assert {"loss", "loss_b2", "loss_b4", "lr"} <= set(result.stats)
+    names = {p.name for p in out.iterdir()}
+    assert {"checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth", "log.txt", "run_info.json"} <= names
+    state = load_checkpoint(out / "checkpoint-last.pth")  # weights_only=True
+    assert state["epoch"] == 1 and isinstance(state["args"], dict) and state["args"]["supervised_blocks"] == [2, 4]
+    assert {"model", "model_cfg", "optimizer", "scaler", "rng", "git_sha"} <= set(state)
+    lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1] and "train_loss_b2" in lines[0]
+    assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())  # TensorBoard
+
+
+def test_resume_gives_identical_weights(image_folder, tmp_path):
+    straight = main_pretrain.main(tiny_args(image_folder, tmp_path / "a")).model
+    main_pretrain.main(tiny_args(image_folder, tmp_path / "b", "--epochs", "2"))  # writes checkpoint-0.pth
+    first = tmp_path / "b" / "checkpoint-0.pth"
+    # a fresh run from the epoch-0 checkpoint only: one more epoch
+    resumed = main_pretrain.main(tiny_args(image_folder, tmp_path / "c", "--resume", str(first))).model
+    for key, value in state_of(straight).items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_optimizer_groups_exclude_tokens_norms_biases(image_folder, tmp_path):
+    args = tiny_args(image_folder, tmp_path)
+    main_pretrain.resolve_args(args)
+    args.lr = 1e-3
+    model = main_pretrain.build_model(args)
+    optimizer = main_pretrain.build_optimizer(model, args)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert "cls_token" in no_decay and "decoders.2.mask_token" in no_decay and "blocks.0.norm1.weight" in no_decay
+    assert "blocks.0.attn.qkv.bias" in no_decay and "blocks.0.attn.qkv.weight" not in no_decay
+    assert optimizer.defaults["betas"] == (0.9, 0.95)  # paper Appendix A
+
+
+BAD_ARGS = [
+    (["--supervised_blocks", "0", "4"], "--supervised_blocks"),
+    (["--supervised_blocks", "2", "9"], "--supervised_blocks"),
+    (["--supervised_blocks", "2", "2", "4"], "--supervised_blocks"),
+    (["--loss_weights", "1", "1"], "--loss_weights"),
+    (["--mask_ratio", "1.0"], "--mask_ratio"),
+    (["--mask_ratio", "0"], "--mask_ratio"),
+    (["--input_size", "36"], "--input_size"),
+    (["--model", "deepmim_vit_tiny"], "--model"),
+    (["--batch_size", "0"], "--batch_size"),
+    (["--resume", "/nonexistent/ckpt.pth"], "--resume"),
+    (["--amp", "fp8"], "--amp"),
+]
+
+
+@pytest.mark.parametrize("extra, flag", BAD_ARGS)
+def test_bad_arguments_exit_naming_the_flag(image_folder, tmp_path, capsys, extra, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        tiny_args(image_folder, tmp_path / "run", *extra)
+    assert exit_info.value.code != 0
+    assert flag in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing built, nothing written
+
+
+def test_missing_and_empty_data_path(tmp_path, capsys):
+    for path in [tmp_path / "missing", tmp_path]:
+        with pytest.raises(SystemExit):
+            main_pretrain.parse_args(["--data_path", str(path), *TINY_FLAGS])
+        assert "--data_path" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main_pretrain.parse_args([])
+    assert "--data_path is required" in capsys.readouterr().err
+
+
+def test_command_line_error_exits_nonzero(tmp_path):
+    proc = subprocess.run([sys.executable, "main_pretrain.py", "--data_path", str(tmp_path), "--mask_ratio", "1.5"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--mask_ratio" in proc.stderr
+
+
+DDP_DRIVER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import main_pretrain
+args = main_pretrain.parse_args(sys.argv[1:])
+rank = int(__import__("os").environ["RANK"])
+model = main_pretrain.main(args).model
+torch.save(model.state_dict(), f"{out}/rank{{rank}}.pt")
+"""
+
+
+def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
+    data = write_image_folder(tmp_path / "images", num_images=16)  # 2 ranks x batch 4 x 2 iterations
+    driver = tmp_path / "driver.py"
+    driver.write_text(DDP_DRIVER.format(root=str(ROOT), out=str(tmp_path)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(driver), "--data_path", str(data), "--output_dir", str(tmp_path / "run"), *TINY_FLAGS,
+           "--batch_size", "4", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[1/2]" in proc.stdout  # two iterations per rank
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    seed_everything(0)  # as rank 0 does before building the model that DDP broadcasts
+    initial = main_pretrain.build_model(main_pretrain.parse_args(["--data_path", str(data), *TINY_FLAGS])).state_dict()
+    for key, value in rank0.items():
+        assert torch.equal(value, rank1[key]), key
+    assert any(not torch.equal(rank0[k], initial[k]) for k in rank0 if k.startswith("blocks"))  # it trained
