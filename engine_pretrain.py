@@ -71,26 +71,41 @@ def train_one_epoch(
     args: Any,
     targets_fn: TargetsFn | None = None,
     log_writer: Any = None,
+    start_step: int = 0,
+    on_update: Callable[[int, int, Callable[[], None]], None] | None = None,
 ) -> dict[str, float]:
-    """Train for one epoch; returns the epoch's average of every logged value (loss, loss_b<k>, lr)."""
+    """Train for one epoch; returns the epoch's average of every logged value (loss, loss_b<k>, lr) and the
+    number of unreadable images skipped (`bad_images`).
+
+    start_step: steps of this epoch already done (mid-epoch resume; the loader yields only the remaining ones).
+    on_update(epoch, steps_done, ensure_finite): called after every optimizer update except the epoch's last
+    (mid-epoch checkpoints and graceful stops live there); it must call ensure_finite() before saving weights.
+    """
     model.train(True)
     raw_model = model.module if hasattr(model, "module") else model
     metric_logger = MetricLogger()
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     guard = NonFiniteGuard(epoch)
-    steps = len(data_loader)  # type: ignore[arg-type]
+    steps = start_step + len(data_loader)  # type: ignore[arg-type]
     accum_iter = args.accum_iter
+    bad_images = 0
     optimizer.zero_grad(set_to_none=True)
 
-    for step, (samples, _) in enumerate(metric_logger.log_every(data_loader, args.print_freq, f"Epoch: [{epoch}]")):
+    batches = metric_logger.log_every(data_loader, args.print_freq, f"Epoch: [{epoch}]")
+    for step, (samples, _, bad) in enumerate(batches, start=start_step):
+        bad_images += int(bad.sum())  # a host tensor from the loader: no device sync
+        if bad_images > args.max_bad_images:
+            raise RuntimeError(f"{bad_images} unreadable images in epoch {epoch} exceed --max_bad_images "
+                               f"{args.max_bad_images}; check --data_path")
         if step % accum_iter == 0:
             lr = lr_sched.adjust_learning_rate(
                 optimizer, step / steps + epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs
             )
         imgs = normalize_on_device(samples, device)
         noise = raw_model.make_noise(imgs.shape[0], device)  # one mask for every decoder and the generator
+        # Teachers and the generator choose their own precision; HOG stays in float32.
+        targets = targets_fn(imgs, noise) if targets_fn is not None else None
         with autocast_context(device, args.amp):
-            targets = targets_fn(imgs, noise) if targets_fn is not None else None
             loss, losses, _, _ = model(imgs, args.mask_ratio, noise=noise, targets=targets)
 
         update = (step + 1) % accum_iter == 0
@@ -102,6 +117,8 @@ def train_one_epoch(
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if on_update is not None and step + 1 < steps:
+                on_update(epoch, step + 1, guard.check)
 
         guard.add(step, loss, losses)
         metric_logger.update(loss=loss.detach(), **{f"loss_b{b}": v.detach() for b, v in losses.items()}, lr=lr)
@@ -113,7 +130,7 @@ def train_one_epoch(
                     log_writer.add_scalar(f"train/{name}", meter.value, epoch_1000x)
 
     guard.check()
-    stats = metric_logger.averages()
+    stats = {**metric_logger.averages(), "bad_images": bad_images}
     if not all(math.isfinite(v) for v in stats.values()):
         raise NonFiniteLossError(f"non-finite epoch average at epoch {epoch}: {stats}")
     logger.info("Averaged stats: %s", metric_logger)

@@ -13,24 +13,35 @@ A one-minute CPU demo on real photographs shipped with scikit-image:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from timm.optim import param_groups_weight_decay
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
 
 import models_deepmim
 from engine_pretrain import TargetsFn, train_one_epoch
 from util import checkpoint as ckpt
-from util import distributed
-from util.datasets import DemoPhotos, build_pretrain_dataset, check_image_folder
-from util.misc import append_json_log, seed_everything, setup_logging
+from util import distributed, targets
+from util.datasets import (
+    DemoPhotos,
+    ResumableDistributedSampler,
+    RobustSeededDataset,
+    build_pretrain_dataset,
+    check_image_folder,
+    normalize_on_device,
+)
+from util.hybrid import HybridGenerator, blend_targets, check_hybrid_args
+from util.misc import append_json_log, make_log_writer, seed_everything, setup_logging
+from util.preemption import GracefulStop
+from util.targets import TARGETS, Target, check_target_args
+from util.visualize import grid_tensor, reconstruction_panels, save_grid_png
 
 logger = logging.getLogger("main_pretrain")
 
@@ -74,6 +85,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     deepmim.add_argument("--loss_weights", default=None, type=float, nargs="+",
                          help="weight of each decoder's loss in Eq. 2 (default 1 each)")
 
+    target = parser.add_argument_group("Targets (paper Eq. 1, Tab. 7, 9, 11)")
+    target.add_argument("--target", default="pixel", choices=TARGETS,
+                        help="what the decoders reconstruct: pixels, HOG, or CLIP / DINO teacher features")
+    target.add_argument("--teacher_path", default=None, type=str,
+                        help="local weights of the CLIP (OpenAI ViT-B-16.pt or safetensors) or DINO teacher")
+    target.add_argument("--hybrid_generator", default=None, type=str,
+                        help="DeepMIM+: a pre-trained MAE checkpoint (with decoder) that reconstructs x_hat")
+    target.add_argument("--hybrid_alphas", default=None, type=float, nargs="+",
+                        help="blend t = a x + (1-a) x_hat per supervised block (default with a generator: 0 1/3 2/3 1)")
+
     optim = parser.add_argument_group("Optimizer (paper Appendix A)")
     optim.add_argument("--weight_decay", default=0.05, type=float, help="AdamW weight decay")
     optim.add_argument("--lr", default=None, type=float, help="absolute lr (default blr * eff_batch / 256)")
@@ -89,13 +110,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     system.add_argument("--amp", default=None, choices=AMP_CHOICES,
                         help="autocast dtype (default: bf16 where supported, fp16 on older GPUs, none on CPU)")
     system.add_argument("--seed", default=0, type=int)
-    system.add_argument("--resume", default="", type=str, help="checkpoint to resume from")
+    system.add_argument("--resume", default="", type=str,
+                        help="checkpoint to resume from, or 'auto': the newest loadable one in --output_dir")
     system.add_argument("--start_epoch", default=0, type=int, help="first epoch (overridden by --resume)")
     system.add_argument("--num_workers", default=10, type=int, help="data-loading processes per GPU")
     system.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True, help="pin host memory")
     system.add_argument("--dist_url", default="env://", type=str, help="process-group init URL")
     system.add_argument("--save_freq", default=20, type=int, help="write checkpoint-<epoch>.pth every N epochs")
+    system.add_argument("--save_every_iters", default=0, type=int,
+                        help="also refresh checkpoint-last.pth every N optimizer updates (0: only at epoch ends)")
+    system.add_argument("--max_bad_images", default=None, type=int,
+                        help="unreadable images tolerated per epoch and rank (default: 1%% of the epoch)")
     system.add_argument("--print_freq", default=20, type=int, help="log (and read losses) every N steps")
+    system.add_argument("--vis_freq", default=20, type=int,
+                        help="log a reconstruction grid to TensorBoard every N epochs (0: never)")
     return parser
 
 
@@ -144,6 +172,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if not 0 < visible < num_patches:
         raise ValueError(f"--mask_ratio {args.mask_ratio} leaves {visible} of {num_patches} patches visible")
     _validate_blocks(args)
+    _validate_targets(args, patch)
     if args.blr <= 0 or (args.lr is not None and args.lr <= 0):
         raise ValueError("--blr and --lr must be > 0")
     if args.warmup_epochs < 0 or args.weight_decay < 0 or args.min_lr < 0:
@@ -154,7 +183,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--amp must be one of {AMP_CHOICES}, got {args.amp!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
-    if args.resume and not Path(args.resume).is_file():
+    if args.save_every_iters < 0 or (args.max_bad_images is not None and args.max_bad_images < 0):
+        raise ValueError("--save_every_iters and --max_bad_images must be >= 0")
+    if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
         raise ValueError(f"--resume {args.resume}: no such file")
     if not args.demo:
         if args.data_path is None:
@@ -175,6 +206,16 @@ def _validate_blocks(args: argparse.Namespace) -> None:
                          f"{list(blocks)}; give one weight per block")
 
 
+def _validate_targets(args: argparse.Namespace, patch_size: int) -> None:
+    check_target_args(args.target, args.teacher_path, patch_size)
+    if args.hybrid_generator and args.target != "pixel":
+        raise ValueError(f"--hybrid_generator blends reconstructed pixels (paper Eq. 1) and needs --target pixel, "
+                         f"got --target {args.target}")
+    depth = models_deepmim.encoder_depth(args.model, args.depth)
+    check_hybrid_args(args.hybrid_generator, args.hybrid_alphas, args.supervised_blocks or
+                      default_blocks(args.model, depth))
+
+
 def default_blocks(model_name: str, depth: int) -> tuple[int, ...]:
     """The blocks a registered model supervises by default."""
     if model_name.startswith("deepmim"):
@@ -187,19 +228,22 @@ def default_blocks(model_name: str, depth: int) -> tuple[int, ...]:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def build_dataset(args: argparse.Namespace) -> Dataset:
-    if args.demo:
-        return DemoPhotos(args.input_size, samples_per_photo=32)
-    return build_pretrain_dataset(args.data_path, args.input_size)
+def build_dataset(args: argparse.Namespace) -> RobustSeededDataset:
+    """Crops drawn per (seed, epoch, index), broken files replaced and counted."""
+    dataset = DemoPhotos(args.input_size, samples_per_photo=32) if args.demo else \
+        build_pretrain_dataset(args.data_path, args.input_size)
+    return RobustSeededDataset(dataset, args.seed)
 
 
 def build_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
-    sampler = DistributedSampler(
-        dataset, num_replicas=distributed.get_world_size(), rank=distributed.get_rank(), shuffle=True, seed=args.seed
+    sampler = ResumableDistributedSampler(
+        dataset, args.batch_size, num_replicas=distributed.get_world_size(), rank=distributed.get_rank(),
+        shuffle=True, seed=args.seed, drop_last=True,
     )
     return DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
         pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=True,
+        generator=torch.Generator().manual_seed(args.seed),  # leaves the global RNG (masking noise) alone
     )
 
 
@@ -221,69 +265,29 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.o
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=fused or None)
 
 
-def build_targets_fn(args: argparse.Namespace, model: torch.nn.Module) -> TargetsFn | None:
-    """What the decoders reconstruct; None means the model's own pixel targets."""
-    return None
+def build_target(args: argparse.Namespace, device: torch.device) -> Target:
+    return targets.build_target(
+        args.target, patch_size=models_deepmim.encoder_patch_size(args.model, args.patch_size),
+        img_size=args.input_size, norm_pix_loss=args.norm_pix_loss, teacher_path=args.teacher_path, device=device,
+    )
 
 
-def checkpoint_state(model, optimizer, scaler, epoch: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Everything needed to continue the run; plain containers and tensors only (loads with weights_only=True)."""
-    return {
-        "model": model.state_dict(), "model_cfg": model.config, "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(), "epoch": epoch, "iter": 0, "rng": gather_rng(),
-        "args": ckpt.plain_args(args), "git_sha": ckpt.git_sha(),
-    }
+def build_targets_fn(args: argparse.Namespace, target: Target, model, device: torch.device) -> TargetsFn | None:
+    """What each decoder reconstructs from (imgs, noise); None: the model's own pixel targets (cheapest)."""
+    if args.hybrid_generator is None:
+        return None if args.target == "pixel" else (lambda imgs, noise: target(imgs))
+    generator = HybridGenerator.from_file(args.hybrid_generator, student_norm_pix=args.norm_pix_loss, device=device)
+    generator.check_student(model.patch_size, model.grid_size)
+    alphas = check_hybrid_args(args.hybrid_generator, args.hybrid_alphas, model.supervised_blocks)
+    logger.info("DeepMIM+: generator %s, alphas %s for blocks %s", args.hybrid_generator, alphas,
+                model.supervised_blocks)
 
+    def hybrid_targets(imgs, noise):
+        # Eq. 1: the generator sees the student's masked image (same noise, same mask).
+        x_hat = generator.reconstruct(imgs, noise, args.mask_ratio)
+        return blend_targets(target(imgs), x_hat, alphas, model.supervised_blocks)
 
-def gather_rng() -> list[dict[str, Any]]:
-    """RNG states of every rank (index = rank), so a resumed run draws the same crops and masks."""
-    state = ckpt.capture_rng()
-    if not distributed.is_dist():
-        return [state]
-    states: list[Any] = [None] * distributed.get_world_size()
-    torch.distributed.all_gather_object(states, state)
-    return states
-
-
-def save_checkpoint(state: dict[str, Any], args: argparse.Namespace, epoch: int) -> None:
-    out = Path(args.output_dir)
-    if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
-        ckpt.save_atomic(state, out / f"checkpoint-{epoch}.pth")
-    ckpt.save_atomic(state, out / "checkpoint-last.pth")
-
-
-def resume(model, optimizer, scaler, args: argparse.Namespace) -> None:
-    """Restore model, optimizer, scaler, epoch and this rank's RNG from `--resume`."""
-    state = ckpt.load_checkpoint(args.resume)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    args.start_epoch = state["epoch"] + 1
-    rng = state.get("rng") or []
-    if len(rng) == distributed.get_world_size():
-        ckpt.restore_rng(rng[distributed.get_rank()])
-    else:
-        logger.warning("resume: checkpoint has RNG for %d ranks, run has %d; RNG not restored", len(rng),
-                       distributed.get_world_size())
-    logger.info("resumed from %s (epoch %d)", args.resume, state["epoch"])
-
-
-def write_run_info(args: argparse.Namespace) -> None:
-    """The resolved arguments and the git SHA beside the checkpoints (STYLE habit 11)."""
-    if distributed.is_main_process():
-        info = {"args": ckpt.plain_args(args), "git_sha": ckpt.git_sha()}
-        (Path(args.output_dir) / "run_info.json").write_text(json.dumps(info, indent=2))
-
-
-def make_log_writer(args: argparse.Namespace):
-    if not distributed.is_main_process() or not args.log_dir:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=args.log_dir)
-
-
-# ------------------------------------------------------------------------------------------------------------------
+    return hybrid_targets
 
 
 class RunResult(NamedTuple):
@@ -301,8 +305,12 @@ def main(args: argparse.Namespace) -> RunResult:
     seed_everything(args.seed + dist_info.rank)
     device = torch.device(args.device, dist_info.local_rank) if args.device == "cuda" else torch.device(args.device)
 
-    loader = build_loader(build_dataset(args), args)
-    model = build_model(args).to(device)
+    dataset = build_dataset(args)
+    loader = build_loader(dataset, args)
+    if args.max_bad_images is None:
+        args.max_bad_images = max(1, len(loader.sampler) // 100)  # 1 % of this rank's epoch
+    target = build_target(args, device)
+    model = build_model(args, target.pred_dim, target.loss_type).to(device)
     eff_batch = args.batch_size * args.accum_iter * dist_info.world_size
     if args.lr is None:
         args.lr = args.blr * eff_batch / 256  # MAE / paper Appendix A: lr = base_lr * batch / 256
@@ -310,32 +318,74 @@ def main(args: argparse.Namespace) -> RunResult:
                 eff_batch, args.lr, args.amp)
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    if args.resume:
-        resume(model, optimizer, scaler, args)
-    targets_fn = build_targets_fn(args, model)
+    start_step = ckpt.resume_training(model, optimizer, scaler, args) if args.resume else 0
+    targets_fn = build_targets_fn(args, target, model, device)
     train_model = model
     if dist_info.distributed:
         device_ids = [dist_info.local_rank] if device.type == "cuda" else None
         train_model = DistributedDataParallel(model, device_ids=device_ids, static_graph=True)
-    write_run_info(args)
-    log_writer = make_log_writer(args)
+    ckpt.write_run_info(args)
 
+    stopper = GracefulStop().install()
+    log_writer = make_log_writer(args.log_dir)
+    save = partial(_save, model, optimizer, scaler, args)
+    on_update = partial(_after_update, save, stopper, args)
     stats: dict[str, float] = {}
     start = time.time()
     for epoch in range(args.start_epoch, args.epochs):
+        dataset.set_epoch(epoch)
         loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(train_model, loader, optimizer, scaler, device, epoch, args, targets_fn, log_writer)
-        state = checkpoint_state(model, optimizer, scaler, epoch, args)
-        if distributed.is_main_process():
-            save_checkpoint(state, args, epoch)
+        loader.sampler.set_start_step(start_step)
+        stats = train_one_epoch(train_model, loader, optimizer, scaler, device, epoch, args, targets_fn,
+                                log_writer, start_step, on_update)
+        start_step = 0
+        save(epoch, 0)
         append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch})
+        if log_writer is not None and args.target == "pixel" and args.vis_freq and (epoch + 1) % args.vis_freq == 0:
+            log_writer.add_image("reconstructions", grid_tensor(reconstructions(model, dataset, targets_fn, args)),
+                                 epoch)
         if log_writer is not None:
             log_writer.flush()
+        if stopper.stop_requested():
+            stopper.finish()
+    stopper.uninstall()
+    if args.demo and args.target == "pixel" and distributed.is_main_process():
+        save_grid_png(reconstructions(model, dataset, targets_fn, args), Path(args.output_dir) / "reconstructions.png")
     logger.info("training time %s s", math.ceil(time.time() - start))
     if log_writer is not None:
         log_writer.close()
     distributed.cleanup()
     return RunResult(model, stats)
+
+
+def reconstructions(model, dataset: Dataset, targets_fn: TargetsFn | None, args: argparse.Namespace,
+                    num_images: int = 8) -> dict:
+    """Panels (original, masked, every decoder, DeepMIM+ targets) for the first images with a fixed mask."""
+    device = next(model.parameters()).device
+    samples = torch.stack([dataset[i][0] for i in range(min(num_images, len(dataset)))])
+    imgs = normalize_on_device(samples, device)
+    noise = torch.rand(len(imgs), model.num_patches, generator=torch.Generator().manual_seed(0)).to(device)
+    hybrid = targets_fn(imgs, noise) if args.hybrid_generator else None
+    return reconstruction_panels(model, imgs, noise, args.mask_ratio, hybrid_targets=hybrid)
+
+
+def _save(model, optimizer, scaler, args: argparse.Namespace, epoch: int, step: int) -> None:
+    state = ckpt.training_state(model, optimizer, scaler, epoch, step, args)
+    ckpt.save_training_checkpoint(state, args.output_dir, args.save_freq, args.epochs)
+
+
+def _after_update(save, stopper: GracefulStop, args: argparse.Namespace, epoch: int, step: int, ensure_finite) -> None:
+    """Mid-epoch: refresh checkpoint-last.pth every --save_every_iters updates; on a stop signal save and exit."""
+    updates = step // args.accum_iter
+    periodic = args.save_every_iters > 0 and updates % args.save_every_iters == 0
+    # A stop check is a collective when distributed: do it at logging steps only, where we read losses anyway.
+    check_stop = not distributed.is_dist() or updates % args.print_freq == 0
+    stop = check_stop and stopper.stop_requested()
+    if periodic or stop:
+        ensure_finite()  # never checkpoint weights that a non-finite loss has reached
+        save(epoch, step)
+    if stop:
+        stopper.finish()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -240,7 +240,9 @@ class MaskedAutoencoderDeepMIM(nn.Module):
         check_supervised_blocks(self.supervised_blocks, depth)
         self.loss_weights = tuple(loss_weights or [1.0] * len(self.supervised_blocks))
         if len(self.loss_weights) != len(self.supervised_blocks):
-            raise ValueError(f"loss_weights has {len(self.loss_weights)} values for {len(self.supervised_blocks)} blocks")
+            raise ValueError(
+                f"loss_weights has {len(self.loss_weights)} values for {len(self.supervised_blocks)} blocks"
+            )
         self.patch_size, self.in_chans, self.depth = patch_size, in_chans, depth
         self.norm_pix_loss, self.loss_type = norm_pix_loss, loss_type
         self.shared_decoder = shared_decoder
@@ -362,7 +364,7 @@ def check_supervised_blocks(blocks: Sequence[int], depth: int) -> None:
 # Registry
 # --------------------------------------------------------------------------------------------------------------
 
-_ENCODERS = {  # name: (patch_size, embed_dim, depth, num_heads)
+ENCODERS = {  # name: (patch_size, embed_dim, depth, num_heads)
     "vit_small_patch16": (16, 384, 12, 6),
     "vit_base_patch16": (16, 768, 12, 12),
     "vit_large_patch16": (16, 1024, 24, 16),
@@ -372,7 +374,7 @@ MODELS: dict[str, Callable[..., MaskedAutoencoderDeepMIM]] = {}
 
 
 def _register(prefix: str, encoder: str, **defaults) -> None:
-    patch_size, embed_dim, depth, num_heads = _ENCODERS[encoder]
+    patch_size, embed_dim, depth, num_heads = ENCODERS[encoder]
     name = f"{prefix}_{encoder}"
 
     def factory(**kwargs) -> MaskedAutoencoderDeepMIM:
@@ -387,7 +389,7 @@ def _register(prefix: str, encoder: str, **defaults) -> None:
     MODELS[name] = factory
 
 
-for _encoder in _ENCODERS:
+for _encoder in ENCODERS:
     # DeepMIM: four independent 512-d decoders of 4 blocks on depth * {1/2, 2/3, 5/6, 1} (paper Sec. 3, Tab. 8).
     _register("deepmim", _encoder, decoder_embed_dim=512, decoder_depth=4, decoder_num_heads=16)
     # MAE baseline: one 512-d decoder of 8 blocks on the last block (MAE's own).
@@ -398,14 +400,14 @@ def encoder_depth(name: str, depth: int | None = None) -> int:
     """Depth of a registered model's encoder (or the override), without building it."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
-    return depth if depth is not None else _ENCODERS[name.split("_", 1)[1]][2]
+    return depth if depth is not None else ENCODERS[name.split("_", 1)[1]][2]
 
 
 def encoder_patch_size(name: str, patch_size: int | None = None) -> int:
     """Patch size of a registered model (or the override), without building it."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
-    return patch_size if patch_size is not None else _ENCODERS[name.split("_", 1)[1]][0]
+    return patch_size if patch_size is not None else ENCODERS[name.split("_", 1)[1]][0]
 
 
 def create_model(name: str, **kwargs) -> MaskedAutoencoderDeepMIM:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, TINY_FLAGS, write_image_folder
 
 import main_pretrain
-from conftest import ROOT, TINY_FLAGS, write_image_folder
 from util.checkpoint import load_checkpoint
 from util.misc import seed_everything
 

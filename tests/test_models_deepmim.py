@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 
 import models_deepmim as M
-from conftest import TINY
 
 
 def test_shapes(tiny_deepmim):
@@ -177,7 +177,8 @@ def test_load_released_deepmim_keys():
     assert report.missing == [] and report.unexpected == []
     own = model.state_dict()
     for suffix, block in zip(range(1, 5), model.supervised_blocks):  # suffix k -> k-th supervised block
-        assert torch.equal(own[f"decoders.{block}.blocks.0.attn.qkv.weight"], state[f"decoder_blocks{suffix}.0.attn.qkv.weight"])
+        ours, released = f"decoders.{block}.blocks.0.attn.qkv.weight", f"decoder_blocks{suffix}.0.attn.qkv.weight"
+        assert torch.equal(own[ours], state[released])
         assert torch.equal(own[f"decoders.{block}.pos_embed"], state["decoder_pos_embed"])
     assert torch.equal(own["blocks.3.mlp.fc2.weight"], state["blocks.3.mlp.fc2.weight"])
 
@@ -186,7 +187,8 @@ def test_load_released_deepmim_clip_layout_reports_head_mismatch_only():
     """DeepMIM-CLIP heads predict 512-d features; a pixel model keeps its own heads and reports them."""
     model = M.create_model("deepmim_vit_small_patch16", supervised_blocks=[1, 2, 3, 4], **TINY)
     report = M.load_pretrained(model, _released_deepmim_state(4, 64, 32, 512, 17))
-    assert sorted(report.mismatched) == sorted(f"decoders.{b}.pred.{p}" for b in (1, 2, 3, 4) for p in ("weight", "bias"))
+    heads = sorted(f"decoders.{b}.pred.{p}" for b in (1, 2, 3, 4) for p in ("weight", "bias"))
+    assert sorted(report.mismatched) == heads
     clip_model = M.create_model("deepmim_vit_small_patch16", supervised_blocks=[1, 2, 3, 4], pred_dim=512, **TINY)
     assert M.load_pretrained(clip_model, _released_deepmim_state(4, 64, 32, 512, 17)) == M.LoadReport([], [], [])
 

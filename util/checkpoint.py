@@ -6,6 +6,7 @@ is a dict of plain values, never an argparse Namespace, so every file loads unde
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -17,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from util import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -133,3 +136,81 @@ def _py(value: Any) -> Any:
 
 def _to_lists(value: Any) -> Any:
     return [_to_lists(v) for v in value] if isinstance(value, tuple) else value
+
+
+def find_resumable(folder: str | os.PathLike) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest checkpoint in `folder` that loads; corrupt ones are skipped with a warning naming them."""
+    for path in list_checkpoints(folder):
+        try:
+            return path, load_checkpoint(path)
+        except ValueError as err:
+            logger.warning("skipping checkpoint %s: %s", path, err)
+    return None, None
+
+
+# -- training state ---------------------------------------------------------------------------------------------
+
+
+def training_state(model, optimizer, scaler, epoch: int, step: int, args: Any) -> dict[str, Any]:
+    """Everything needed to continue the run; plain containers and tensors only (loads with weights_only=True).
+
+    (epoch, iter): taken after `iter` steps of `epoch`; iter 0 means the whole epoch is done (MAE's convention).
+    """
+    return {
+        "model": model.state_dict(), "model_cfg": model.config, "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(), "epoch": epoch, "iter": step, "rng": gather_rng(),
+        "args": plain_args(args), "git_sha": git_sha(),
+    }
+
+
+def gather_rng() -> list[dict[str, Any]]:
+    """RNG states of every rank (index = rank), so a resumed run draws the same crops and masks."""
+    state = capture_rng()
+    if not distributed.is_dist():
+        return [state]
+    states: list[Any] = [None] * distributed.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def save_training_checkpoint(state: dict[str, Any], output_dir: str, save_freq: int, epochs: int) -> None:
+    """Rank 0 writes checkpoint-last.pth, and checkpoint-<epoch>.pth at every `save_freq`-th epoch end."""
+    if not distributed.is_main_process():
+        return
+    out, epoch = Path(output_dir), state["epoch"]
+    epoch_end = state["iter"] == 0
+    if epoch_end and ((epoch + 1) % save_freq == 0 or epoch + 1 == epochs):
+        save_atomic(state, out / f"checkpoint-{epoch}.pth")
+    save_atomic(state, out / "checkpoint-last.pth")
+
+
+def resume_training(model, optimizer, scaler, args: Any) -> int:
+    """Restore model, optimizer, scaler, schedule position and this rank's RNG from `--resume`.
+
+    Sets args.start_epoch and returns the number of steps of that epoch already done.
+    """
+    path, state = find_resumable(args.output_dir) if args.resume == "auto" else \
+        (args.resume, load_checkpoint(args.resume))
+    if state is None:
+        logger.info("resume auto: no checkpoint in %s, starting from scratch", args.output_dir)
+        return 0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    mid_epoch = state.get("iter", 0) > 0
+    args.start_epoch = state["epoch"] if mid_epoch else state["epoch"] + 1
+    rng = state.get("rng") or []
+    if len(rng) == distributed.get_world_size():
+        restore_rng(rng[distributed.get_rank()])
+    else:
+        logger.warning("resume: checkpoint has RNG for %d ranks, run has %d; RNG not restored", len(rng),
+                       distributed.get_world_size())
+    logger.info("resumed from %s: epoch %d, step %d", path, args.start_epoch, state.get("iter", 0))
+    return state.get("iter", 0)
+
+
+def write_run_info(args: Any) -> None:
+    """The resolved arguments and the git SHA beside the checkpoints (STYLE habit 11)."""
+    if distributed.is_main_process():
+        info = {"args": plain_args(args), "git_sha": git_sha()}
+        (Path(args.output_dir) / "run_info.json").write_text(json.dumps(info, indent=2))

@@ -3,6 +3,7 @@ the device, ImageFolder datasets and the built-in demo set of real photographs."
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -10,9 +11,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
+
+logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -88,3 +91,68 @@ class DemoPhotos(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         photo = index % len(self.photos)
         return self.transform(self.photos[photo]), photo
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Reproducible, fault-tolerant sampling (exact resume, broken files)
+# ------------------------------------------------------------------------------------------------------------------
+
+# What PIL and torchvision raise for unreadable, truncated or non-image files.
+BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class RobustSeededDataset(Dataset):
+    """Wraps a dataset so that (1) each sample's augmentation is drawn from a generator seeded by (seed, epoch,
+    index) — the same crops whatever the worker count or the point a run resumed from — and (2) an unreadable
+    image is replaced by another sample, logged with its path and counted.
+
+    Items are (image, label, bad) where bad is the number of broken files skipped to produce this item.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, max_retries: int = 20):
+        self.dataset, self.seed, self.epoch, self.max_retries = dataset, seed, 0, max_retries
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def _path(self, index: int) -> str:
+        samples = getattr(self.dataset, "samples", None)
+        return samples[index][0] if samples is not None else f"item {index}"
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        length = len(self)
+        for bad in range(self.max_retries + 1):
+            candidate = (index + bad * 7919) % length  # a deterministic replacement (7919 is prime)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((self.seed * 1_000_003 + self.epoch) * length + candidate)
+                try:
+                    image, label = self.dataset[candidate]
+                    return image, label, bad
+                except BAD_IMAGE_ERRORS as err:
+                    logger.warning("skipping unreadable image %s (%s: %s)", self._path(candidate),
+                                   type(err).__name__, err)
+        raise RuntimeError(f"{self.max_retries + 1} unreadable images in a row around index {index}; "
+                           "is --data_path the right folder?")
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler that can start part-way through an epoch (after `start_step` batches of this rank)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.batch_size, self.start_step = batch_size, 0
+
+    def set_start_step(self, step: int) -> None:
+        """Skip the first `step` batches of the next epoch iterated (reset to 0 after one epoch)."""
+        self.start_step = step
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self.start_step = self.start_step * self.batch_size, 0
+        return iter(indices[skip:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start_step * self.batch_size

@@ -131,3 +131,12 @@ def append_json_log(output_dir: str | None, stats: dict[str, Any]) -> None:
     if output_dir and distributed.is_main_process():
         with open(Path(output_dir) / "log.txt", "a") as f:
             f.write(json.dumps(stats) + "\n")
+
+
+def make_log_writer(log_dir: str | None):
+    """TensorBoard writer on rank 0 (None elsewhere or without a folder)."""
+    if not distributed.is_main_process() or not log_dir:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=log_dir)
