@@ -77,6 +77,11 @@ BAD_ARGS = [
     (["--batch_size", "0"], "--batch_size"),
     (["--resume", "/nonexistent/ckpt.pth"], "--resume"),
     (["--amp", "fp8"], "--amp"),
+    (["--target", "clip", "--teacher_path", "/nonexistent/ViT-B-16.pt"], "/nonexistent/ViT-B-16.pt"),
+    (["--target", "dino"], "--teacher_path"),
+    (["--target", "sift"], "--target"),
+    (["--hybrid_generator", "/nonexistent/mae.pth"], "/nonexistent/mae.pth"),
+    (["--hybrid_alphas", "0", "0.5", "1"], "--hybrid_alphas"),
 ]
 
 
@@ -134,3 +139,32 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
     for key, value in rank0.items():
         assert torch.equal(value, rank1[key]), key
     assert any(not torch.equal(rank0[k], initial[k]) for k in rank0 if k.startswith("blocks"))  # it trained
+
+
+def test_hog_target_trains_through_main(image_folder, tmp_path):
+    result = main_pretrain.main(tiny_args(image_folder, tmp_path / "hog", "--target", "hog", "--epochs", "1"))
+    assert result.model.pred_dim == 27  # 8x8 patch: 1 cell x 9 bins x 3 channels (MaskFeat)
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.stats.values())
+
+
+def test_hybrid_generator_trains_through_main(image_folder, tmp_path):
+    """DeepMIM+: a tiny MAE pre-trained here serves as the generator of a DeepMIM run (Eq. 1)."""
+    mae_dir = tmp_path / "mae"
+    main_pretrain.main(tiny_args(image_folder, mae_dir, "--model", "mae_vit_small_patch16", "--epochs", "1",
+                                 "--norm_pix_loss"))
+    generator = mae_dir / "checkpoint-last.pth"
+    args = tiny_args(image_folder, tmp_path / "hybrid", "--hybrid_generator", str(generator), "--epochs", "1",
+                     "--hybrid_alphas", "0", "0.5", "1")
+    result = main_pretrain.main(args)
+    assert {"loss_b2", "loss_b3", "loss_b4"} <= set(result.stats)
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.stats.values())
+    state = load_checkpoint(tmp_path / "hybrid" / "checkpoint-last.pth")
+    assert not any(k.startswith(("generator", "teacher")) for k in state["model"])  # frozen nets never saved
+
+
+def test_hybrid_generator_needs_pixel_target(image_folder, tmp_path, capsys):
+    generator = tmp_path / "g.pth"
+    generator.write_bytes(b"x")
+    with pytest.raises(SystemExit):
+        tiny_args(image_folder, tmp_path / "run", "--target", "hog", "--hybrid_generator", str(generator))
+    assert "--target pixel" in capsys.readouterr().err
