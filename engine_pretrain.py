@@ -108,6 +108,7 @@ def train_one_epoch(
         with autocast_context(device, args.amp):
             loss, losses, _, _ = model(imgs, args.mask_ratio, noise=noise, targets=targets)
 
+        guard.add(step, loss, losses)
         update = (step + 1) % accum_iter == 0
         # DDP: skip the gradient all-reduce on accumulation steps (nanoGPT's no_sync habit).
         sync_context = contextlib.nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync()
@@ -120,7 +121,6 @@ def train_one_epoch(
             if on_update is not None and step + 1 < steps:
                 on_update(epoch, step + 1, guard.check)
 
-        guard.add(step, loss, losses)
         metric_logger.update(loss=loss.detach(), **{f"loss_b{b}": v.detach() for b, v in losses.items()}, lr=lr)
         if step % args.print_freq == 0 or step == steps - 1:
             guard.check()
