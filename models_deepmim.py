@@ -20,9 +20,11 @@ from typing import Callable, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import PatchEmbed, build_sincos2d_pos_embed
+from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+
+from util.patches import gather_tokens, normalize_patches, patchify, sincos_pos_embed
 
 logger = logging.getLogger(__name__)
 
@@ -33,22 +35,6 @@ SHARED_KEY = "shared"
 # --------------------------------------------------------------------------------------------------------------
 # Small pure functions: position embeddings, masking, patchify
 # --------------------------------------------------------------------------------------------------------------
-
-
-def sincos_pos_embed(grid_size: tuple[int, int], dim: int, cls_token: bool = True) -> Tensor:
-    """Fixed 2-D sin-cos position embedding in MAE's channel layout.
-
-    timm builds the embedding as [sin(h), sin(w), cos(h), cos(w)] (each dim/4 wide); MAE's released checkpoints use
-    [sin(w), cos(w), sin(h), cos(h)]. We reorder timm's output so fresh models match MAE exactly.
-
-    Returns: (1, [1 +] H*W, dim); the cls row is zero.
-    """
-    emb = build_sincos2d_pos_embed(list(grid_size), dim=dim)  # (H*W, dim)
-    sin_h, sin_w, cos_h, cos_w = emb.chunk(4, dim=1)
-    emb = torch.cat([sin_w, cos_w, sin_h, cos_h], dim=1)
-    if cls_token:
-        emb = torch.cat([torch.zeros(1, dim), emb], dim=0)
-    return emb.unsqueeze(0)
 
 
 class Masking(NamedTuple):
@@ -82,48 +68,6 @@ def random_masking(noise: Tensor, mask_ratio: float) -> Masking:
     mask[:, :len_keep] = 0
     mask = torch.gather(mask, 1, ids_restore)
     return Masking(mask, ids_restore, ids_keep, ids_masked)
-
-
-def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
-    """x: (N, L, C), ids: (N, K) -> (N, K, C)."""
-    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def scatter_masked(pred: Tensor, mask: Tensor, fill: Tensor | None = None) -> Tensor:
-    """Put predictions of the masked patches back on the full grid.
-
-    pred: (N, L_m, C) in ascending position order (as `forward` returns them); mask: (N, L), 1 = removed;
-    fill: optional (N, L, C) values for the visible positions (zeros otherwise). Returns (N, L, C).
-    """
-    n, length = mask.shape
-    out = torch.zeros(n, length, pred.shape[-1], dtype=pred.dtype, device=pred.device) if fill is None else fill.clone()
-    out[mask.bool()] = pred.reshape(-1, pred.shape[-1]).to(out.dtype)
-    return out
-
-
-def patchify(imgs: Tensor, patch_size: int) -> Tensor:
-    """imgs: (N, C, H, W) -> (N, L, p*p*C), MAE's channel-last order inside each patch."""
-    n, c, h, w = imgs.shape
-    p = patch_size
-    x = imgs.reshape(n, c, h // p, p, w // p, p)
-    x = torch.einsum("nchpwq->nhwpqc", x)
-    return x.reshape(n, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(x: Tensor, patch_size: int, grid_size: tuple[int, int], channels: int = 3) -> Tensor:
-    """x: (N, L, p*p*C) -> (N, C, H, W); inverse of `patchify`."""
-    n = x.shape[0]
-    p, (gh, gw) = patch_size, grid_size
-    x = x.reshape(n, gh, gw, p, p, channels)
-    x = torch.einsum("nhwpqc->nchpwq", x)
-    return x.reshape(n, channels, gh * p, gw * p)
-
-
-def normalize_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:
-    """Per-patch normalisation of pixel targets (MAE's `--norm_pix_loss`): zero mean, unit variance per patch."""
-    mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, keepdim=True)
-    return (patches - mean) / (var + eps) ** 0.5
 
 
 def reconstruction_loss(pred: Tensor, target: Tensor, loss_type: LossType = "mse") -> Tensor:

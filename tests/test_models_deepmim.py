@@ -10,6 +10,7 @@ import torch
 from conftest import TINY
 
 import models_deepmim as M
+from util import patches as P
 
 
 def test_shapes(tiny_deepmim):
@@ -221,7 +222,7 @@ def mae_numpy_pos_embed(dim: int, grid: int) -> np.ndarray:
 
 
 def test_sincos_pos_embed_matches_mae_layout():
-    ours = M.sincos_pos_embed((4, 4), 64)[0].numpy()
+    ours = P.sincos_pos_embed((4, 4), 64)[0].numpy()
     np.testing.assert_allclose(ours, mae_numpy_pos_embed(64, 4), atol=1e-6)
 
 
@@ -230,7 +231,7 @@ def test_masked_only_head_equals_full_prediction_loss(tiny_deepmim):
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
     loss, losses, _, mask = tiny_deepmim(imgs, noise=noise)
     latents, masking = tiny_deepmim.forward_encoder(imgs, 0.75, noise)
-    target = M.patchify(imgs, 8)
+    target = P.patchify(imgs, 8)
     for block, latent in latents.items():
         full = tiny_deepmim.decoder_for(block)(latent, masking.ids_restore)  # (N, L, C)
         mae_loss = (((full - target) ** 2).mean(-1) * mask).sum() / mask.sum()
@@ -239,11 +240,11 @@ def test_masked_only_head_equals_full_prediction_loss(tiny_deepmim):
 
 def test_patchify_roundtrip_and_scatter():
     imgs = torch.randn(2, 3, 32, 32)
-    patches = M.patchify(imgs, 8)
-    assert torch.equal(M.unpatchify(patches, 8, (4, 4)), imgs)
+    patches = P.patchify(imgs, 8)
+    assert torch.equal(P.unpatchify(patches, 8, (4, 4)), imgs)
     mask = torch.zeros(2, 16)
     mask[:, [1, 5]] = 1
-    full = M.scatter_masked(patches[:, [1, 5]], mask, fill=torch.zeros_like(patches))
+    full = P.scatter_masked(patches[:, [1, 5]], mask, fill=torch.zeros_like(patches))
     assert torch.equal(full[:, [1, 5]], patches[:, [1, 5]]) and full[:, 0].abs().sum() == 0
 
 

@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 
 import models_deepmim
-from models_deepmim import MaskedAutoencoderDeepMIM, create_model, sincos_pos_embed
+from models_deepmim import MaskedAutoencoderDeepMIM, create_model
 from util import features
 from util.checkpoint import save_atomic
 from util.head_diversity import head_cosine_similarity, mean_pairwise
+from util.patches import sincos_pos_embed
 from util.visualize import grid_png_size
 
 REPO = Path(__file__).resolve().parents[1]

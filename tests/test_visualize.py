@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models_deepmim import create_model, normalize_patches, patchify, random_masking
+from models_deepmim import create_model, random_masking
 from util.datasets import denormalize
+from util.patches import normalize_patches, patchify
 from util.visualize import (
     TITLE_PX,
     estimate_patch_stats,

@@ -26,9 +26,9 @@ from models_deepmim import (
     create_model,
     load_pretrained,
     model_from_config,
-    patchify,
 )
 from util.checkpoint import load_checkpoint
+from util.patches import patchify
 from util.teachers import frozen_autocast
 
 logger = logging.getLogger(__name__)

@@ -23,9 +23,10 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from models_deepmim import LossType, normalize_patches, patchify
+from models_deepmim import LossType
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD
 from util.hog import HOG_CELL, hog_dim, hog_targets
+from util.patches import normalize_patches, patchify
 from util.teachers import FrozenTeacher, build_teacher
 
 TARGETS = ("pixel", "hog", "clip", "dino")

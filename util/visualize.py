@@ -28,14 +28,15 @@ from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from models_deepmim import MaskedAutoencoderDeepMIM, patchify, scatter_masked, unpatchify
+from models_deepmim import MaskedAutoencoderDeepMIM
 from util.datasets import denormalize
+from util.patches import patchify, scatter_masked, unpatchify
 
 logger = logging.getLogger(__name__)
 
 PatchStats = Literal["visible", "target"]
 PATCH_STATS = ("visible", "target")
-NORM_EPS = 1e-6  # as models_deepmim.normalize_patches
+NORM_EPS = 1e-6  # as util.patches.normalize_patches
 MASK_GREY = 0.5  # display value of removed patches in the masked input
 TITLE_PX = 24  # height of the column titles in `save_grid_png`
 
