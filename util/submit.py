@@ -12,6 +12,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+from util.checkpoint import list_checkpoints
+
 CLUSTERS = ("slurm", "local", "debug")
 
 
@@ -37,10 +39,14 @@ def validate_launcher_args(args: argparse.Namespace) -> None:
 
 
 class Job:
-    """A picklable callable that submitit runs on every task; `main` is the training entry point."""
+    """A picklable callable that submitit runs on every task; `main` is the training entry point.
 
-    def __init__(self, main: Callable[[argparse.Namespace], Any], args: argparse.Namespace):
-        self.main, self.args = main, args
+    auto_resume: `main` understands `--resume auto` (pre-training); otherwise a requeue points --resume at the
+    newest checkpoint file of the job folder.
+    """
+
+    def __init__(self, main: Callable[[argparse.Namespace], Any], args: argparse.Namespace, auto_resume: bool = True):
+        self.main, self.args, self.auto_resume = main, args, auto_resume
 
     def __call__(self) -> Any:
         self._setup_distributed()
@@ -50,8 +56,13 @@ class Job:
         """Called by submitit on preemption / time-out: requeue the same job, resuming automatically."""
         import submitit
 
-        self.args.resume = "auto"
-        return submitit.helpers.DelayedSubmission(type(self)(self.main, self.args))
+        if self.auto_resume:
+            self.args.resume = "auto"
+        else:
+            newest = list_checkpoints(self.args.output_dir)
+            if newest:
+                self.args.resume = str(newest[0])
+        return submitit.helpers.DelayedSubmission(type(self)(self.main, self.args, self.auto_resume))
 
     def _setup_distributed(self) -> None:
         import submitit
@@ -69,7 +80,7 @@ def shared_init_url(job_dir: Path) -> str:
     return init.absolute().as_uri()
 
 
-def submit(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace, name: str):
+def submit(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace, name: str, auto_resume: bool = True):
     """Submit `main(args)` on `args.nodes` x `args.ngpus` tasks; returns the submitit job."""
     import submitit
 
@@ -90,6 +101,6 @@ def submit(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace, 
         slurm_signal_delay_s=120, **extra,
     )
     args.dist_url = shared_init_url(Path(str(folder).replace("%j", "shared")))
-    if args.resume == "":
+    if args.resume == "" and auto_resume:
         args.resume = "auto"  # a requeued or re-submitted job continues where its folder left off
-    return executor.submit(Job(main, args))
+    return executor.submit(Job(main, args, auto_resume))
