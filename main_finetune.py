@@ -1,0 +1,587 @@
+"""Fine-tune a pre-trained ViT encoder on ImageNet-style classification (MAE's recipe, paper Appendix A).
+
+Accepts this project's pre-training checkpoints, MAE's released `mae_pretrain_vit_*.pth` and the released DeepMIM
+ones. The paper's ViT-B recipe (100 epochs, batch 1024, blr 2e-4, layer decay 0.65 / 0.6, drop path 0.1,
+RandAugment, label smoothing 0.1, Mixup 0.8, CutMix 1.0, warm-up 5):
+
+    torchrun --nproc_per_node 8 main_finetune.py --finetune output_dir/checkpoint-last.pth --data_path /imagenet \
+        --batch_size 128 --epochs 100 --blr 2e-4 --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.1 \
+        --reprob 0.25 --mixup 0.8 --cutmix 1.0 --smoothing 0.1 --warmup_epochs 5 --dist_eval
+
+Layer studies (paper Figs. 7, 8): `--trainable_blocks K` trains only the last K blocks and the head;
+`--reinit_blocks K` re-initialises the last K blocks before end-to-end fine-tuning.
+Demo on CPU (after `python main_pretrain.py --demo`): `python main_finetune.py --demo`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import param_groups_layer_decay
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+
+import models_vit
+from engine_finetune import evaluate, real_samples_on_rank, train_one_epoch
+from util import distributed
+from util.checkpoint import git_sha, load_checkpoint, plain_args, save_atomic
+from util.cls_data import DigitsDemo, build_image_folder, check_classification_folders, finetune_transform
+from util.misc import append_json_log, seed_everything, setup_logging
+
+logger = logging.getLogger(__name__)
+
+DEMO_PRETRAIN_CHECKPOINT = "./output_demo/pretrain/checkpoint-last.pth"
+# --demo: digits (10 classes) from the demo pre-training checkpoint, about a minute on a 2-core CPU (~0.4 s per step,
+# 22 steps per epoch), about 80% top-1. 150 steps on 32-px digits cannot absorb the recipe's augmentation (RandAugment
+# + random resized crops + erasing leave it near chance), so the demo trains without augmentation and with a larger
+# lr. Applied to flags left at their defaults, so `--demo --epochs 3` still works.
+DEMO_OVERRIDES: dict[str, Any] = dict(
+    finetune=DEMO_PRETRAIN_CHECKPOINT, output_dir="./output_demo/finetune", log_dir="./output_demo/finetune",
+    nb_classes=10, epochs=7, batch_size=64, blr=1.6e-2, warmup_epochs=1, no_aug=True, num_workers=0,
+    print_freq=10, save_freq=100,
+)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """MAE's fine-tuning flags and defaults, plus DeepMIM's layer studies; add_help=False for submitit."""
+    parser = argparse.ArgumentParser("DeepMIM fine-tuning for image classification", add_help=False)
+    g = parser.add_argument_group("Training")
+    g.add_argument("--batch_size", default=64, type=int, help="batch size per process (effective: x accum x ranks)")
+    g.add_argument("--epochs", default=50, type=int)
+    g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
+    g.add_argument("--print_freq", default=20, type=int, help="log every N steps")
+
+    g = parser.add_argument_group("Model")
+    g.add_argument("--model", default=None, type=str, help=f"one of {', '.join(models_vit.VIT_SIZES)}; default: "
+                   "the --finetune checkpoint's encoder, else vit_base_patch16")
+    g.add_argument("--input_size", default=None, type=int,
+                   help="image size; default: the pre-training size of --finetune, else 224 (pos-embed resampled)")
+    for name in models_vit.ARCH_KEYS:
+        g.add_argument(f"--{name}", default=None, type=int,
+                       help="default: the --finetune checkpoint's value, else the registry's")
+    g.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth rate (paper: 0.1)")
+
+    g = parser.add_argument_group("Optimizer")
+    g.add_argument("--clip_grad", default=None, type=float, help="clip gradient norm (default: off)")
+    g.add_argument("--weight_decay", default=0.05, type=float)
+    g.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr * effective batch / 256)")
+    g.add_argument("--blr", default=1e-3, type=float, help="base lr (paper: 2e-4; 4e-4 for CLIP targets)")
+    g.add_argument("--layer_decay", default=0.75, type=float,
+                   help="layer-wise lr decay in (0, 1] (paper: 0.65 after 300-epoch, 0.6 after 800-epoch pre-training)")
+    g.add_argument("--min_lr", default=1e-6, type=float)
+    g.add_argument("--warmup_epochs", default=5, type=int)
+
+    g = parser.add_argument_group("Augmentation")
+    g.add_argument("--color_jitter", default=None, type=float, help="colour jitter (only without --aa)")
+    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", type=str,
+                   help="timm auto-augment policy (RandAugment); 'none' turns it off")
+    g.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
+    g.add_argument("--reprob", default=0.25, type=float, help="random erase probability")
+    g.add_argument("--remode", default="pixel", type=str, choices=("const", "rand", "pixel"))
+    g.add_argument("--recount", default=1, type=int, help="random erase count")
+    g.add_argument("--mixup", default=0.0, type=float, help="mixup alpha (paper: 0.8)")
+    g.add_argument("--cutmix", default=0.0, type=float, help="cutmix alpha (paper: 1.0)")
+    g.add_argument("--cutmix_minmax", default=None, type=float, nargs=2, help="cutmix min/max ratio (overrides alpha)")
+    g.add_argument("--mixup_prob", default=1.0, type=float)
+    g.add_argument("--mixup_switch_prob", default=0.5, type=float)
+    g.add_argument("--mixup_mode", default="batch", type=str, choices=("batch", "pair", "elem"))
+
+    g = parser.add_argument_group("Fine-tuning")
+    g.add_argument("--finetune", default="", type=str, help="pre-trained checkpoint (ours, MAE's or DeepMIM's)")
+    g.add_argument("--global_pool", action="store_true", help="average patch tokens + fc_norm (default)")
+    g.add_argument("--cls_token", action="store_false", dest="global_pool", help="classify the cls token")
+    parser.set_defaults(global_pool=True)
+
+    g = parser.add_argument_group("DeepMIM layer studies (paper Figs. 7 and 8)")
+    study = g.add_mutually_exclusive_group()
+    study.add_argument("--trainable_blocks", default=None, type=int,
+                       help="Fig. 7: freeze patch embed, cls/pos and the first depth-K blocks; train the last K + head")
+    study.add_argument("--reinit_blocks", default=None, type=int,
+                       help="Fig. 8: re-initialise the last K blocks, then fine-tune end to end")
+
+    add_common_args(parser, nb_classes=1000)
+    return parser
+
+
+def add_common_args(parser: argparse.ArgumentParser, nb_classes: int) -> None:
+    """Data, output, device, distributed and checkpoint flags shared with main_linprobe.py (MAE's names)."""
+    g = parser.add_argument_group("Data and output")
+    g.add_argument("--data_path", default=None, type=str, help="folder with train/ and val/ ImageFolder roots")
+    g.add_argument("--nb_classes", default=nb_classes, type=int, help="number of classes")
+    g.add_argument("--demo", action="store_true",
+                   help="train on the built-in digits from the demo pre-training checkpoint (CPU, about a minute)")
+    g.add_argument("--no_aug", action="store_true",
+                   help="train on the evaluation transform (resize + centre crop): no augmentation; set by --demo")
+    g.add_argument("--output_dir", default="./output_dir", help="checkpoints and log.txt")
+    g.add_argument("--log_dir", default="./output_dir", help="TensorBoard logs (rank 0)")
+    g.add_argument("--save_freq", default=20, type=int, help="keep checkpoint-<epoch>.pth every N epochs")
+    g.add_argument("--num_workers", default=10, type=int)
+    g.add_argument("--pin_mem", action="store_true", help="pin loader memory (default)")
+    g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    parser.set_defaults(pin_mem=True)
+
+    g = parser.add_argument_group("Run")
+    g.add_argument("--device", default=default_device(), help="cuda or cpu")
+    g.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"),
+                   help="autocast dtype; default bf16 where supported, fp16 + GradScaler on older GPUs, none on CPU")
+    g.add_argument("--seed", default=0, type=int)
+    g.add_argument("--resume", default="", help="resume from a checkpoint of this script")
+    g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="set from --resume")
+    g.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint (top-1/top-5)")
+    g.add_argument("--dist_eval", action="store_true", help="shard evaluation over ranks (exact, padding skipped)")
+    g.add_argument("--dist_url", default="env://", help="process-group URL (MAE)")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Argument resolution and validation (all before any data or model is built)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def apply_demo_overrides(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                         overrides: Mapping[str, Any]) -> None:
+    """--demo: set demo values on every flag the user left at its default."""
+    if not args.demo:
+        return
+    if args.data_path:
+        raise ValueError("--data_path cannot be combined with --demo (the demo uses the built-in digits)")
+    for name, value in overrides.items():
+        if getattr(args, name) == parser.get_default(name):
+            setattr(args, name, value)
+    if not Path(args.finetune).is_file() and args.finetune == DEMO_PRETRAIN_CHECKPOINT and not args.resume:
+        raise ValueError(f"--demo needs the demo pre-training checkpoint {DEMO_PRETRAIN_CHECKPOINT}: "
+                         "run `python main_pretrain.py --demo` first (or pass --finetune PATH)")
+
+
+def check_range(args: argparse.Namespace, name: str, low: float, high: float, low_open: bool = False,
+                high_open: bool = False) -> None:
+    value = getattr(args, name)
+    if value is None:
+        return
+    ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"--{name} must be in {interval}, got {value}")
+
+
+def resolve_amp(amp: str | None, device: str) -> str:
+    """--amp default: bf16 where the device supports it, fp16 (+ GradScaler) on CUDA without bf16, none on CPU."""
+    cuda = device.startswith("cuda")
+    if amp is None:
+        if not cuda:
+            return "none"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "fp16" and not cuda:
+        raise ValueError(f"--amp fp16 needs a CUDA --device (got {device}); use --amp bf16 or none")
+    return amp
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    """Checks shared with main_linprobe.py: numbers, device, files and data folders."""
+    for name in ("epochs", "batch_size", "accum_iter", "print_freq", "save_freq", "nb_classes"):
+        check_range(args, name, 1, math.inf)
+    check_range(args, "num_workers", 0, math.inf)
+    check_range(args, "warmup_epochs", 0, args.epochs)
+    check_range(args, "weight_decay", 0, math.inf)
+    check_range(args, "blr", 0, math.inf, low_open=True)
+    check_range(args, "lr", 0, math.inf, low_open=True)
+    check_range(args, "min_lr", 0, math.inf)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} but CUDA is not available; use --device cpu")
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {args.device}")
+    args.amp = resolve_amp(args.amp, args.device)
+    for flag in ("finetune", "resume"):
+        path = getattr(args, flag)
+        if path and not Path(path).is_file():
+            raise ValueError(f"--{flag} {path}: no such file")
+    if args.eval and not args.resume:
+        raise ValueError("--eval evaluates a checkpoint of this script: give it with --resume")
+    if not args.demo:
+        check_classification_folders(args.data_path)
+
+
+def check_finetune_args(args: argparse.Namespace) -> None:
+    """Fine-tuning specific ranges and combinations."""
+    check_range(args, "layer_decay", 0, 1, low_open=True)
+    check_range(args, "drop_path", 0, 1, high_open=True)
+    check_range(args, "smoothing", 0, 1, high_open=True)
+    check_range(args, "reprob", 0, 1)
+    check_range(args, "recount", 1, math.inf)
+    check_range(args, "mixup", 0, math.inf)
+    check_range(args, "cutmix", 0, math.inf)
+    check_range(args, "mixup_prob", 0, 1)
+    check_range(args, "mixup_switch_prob", 0, 1)
+    check_range(args, "clip_grad", 0, math.inf, low_open=True)
+    if mixup_active(args) and args.batch_size % 2:
+        raise ValueError(f"--batch_size must be even with --mixup/--cutmix (timm's Mixup pairs samples), "
+                         f"got {args.batch_size}")
+    for flag in ("trainable_blocks", "reinit_blocks"):
+        if getattr(args, flag) is not None and not args.finetune and not args.resume:
+            raise ValueError(f"--{flag} studies a pre-trained encoder: give it with --finetune")
+
+
+def resolve_architecture(args: argparse.Namespace, checkpoint: Mapping[str, Any] | None) -> None:
+    """Fill --model / --input_size / --patch_size / --embed_dim / --depth / --num_heads.
+
+    A --resume checkpoint fixes the whole classifier (its "model_cfg"); otherwise values not given on the command
+    line come from the --finetune checkpoint's "model_cfg" (this project's checkpoints), then from the registry.
+    """
+    cfg = checkpoint.get("model_cfg") if checkpoint is not None else None
+    if cfg is not None and args.resume:
+        for key, flag in (("num_classes", "nb_classes"), ("global_pool", "global_pool")):
+            if key in cfg and getattr(args, flag) != cfg[key]:
+                logger.warning("--%s %s replaced by the --resume checkpoint's %s", flag, getattr(args, flag), cfg[key])
+                setattr(args, flag, cfg[key])
+    if cfg is not None:
+        encoder = models_vit.encoder_config(cfg)
+        fixed = bool(args.resume)  # a run in progress keeps its architecture
+        for key in ("model", "input_size", *models_vit.ARCH_KEYS):
+            source = {"model": "name", "input_size": "img_size"}.get(key, key)
+            if getattr(args, key) is None or fixed:
+                setattr(args, key, encoder[source])
+    args.model = args.model or "vit_base_patch16"
+    if args.model not in models_vit.VIT_SIZES:
+        raise ValueError(f"--model {args.model!r} is unknown; known: {', '.join(models_vit.VIT_SIZES)}")
+    args.input_size = args.input_size or 224
+    sizes = dict(zip(models_vit.ARCH_KEYS, models_vit.VIT_SIZES[args.model]))
+    for key in models_vit.ARCH_KEYS:
+        if getattr(args, key) is None:
+            setattr(args, key, sizes[key])
+        check_range(args, key, 1, math.inf)
+    if args.input_size % args.patch_size:
+        raise ValueError(f"--input_size {args.input_size} must be a multiple of --patch_size {args.patch_size}")
+    if args.embed_dim % args.num_heads:
+        raise ValueError(f"--embed_dim {args.embed_dim} must be a multiple of --num_heads {args.num_heads}")
+    for flag in ("trainable_blocks", "reinit_blocks"):
+        if getattr(args, flag, None) is not None:
+            models_vit.check_last_blocks(getattr(args, flag), args.depth, f"--{flag}")
+
+
+def load_source_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The checkpoint that defines the model: --resume if given, else --finetune, else None (from scratch)."""
+    path = args.resume or args.finetune
+    return load_checkpoint(path) if path else None
+
+
+def resolve_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Validate and complete the flags; returns the loaded source checkpoint. Raises ValueError naming the flag."""
+    apply_demo_overrides(args, get_args_parser(), DEMO_OVERRIDES)
+    check_common_args(args)
+    check_finetune_args(args)
+    checkpoint = load_source_checkpoint(args)
+    resolve_architecture(args, checkpoint)
+    return checkpoint
+
+
+def resolve_lr(args: argparse.Namespace, world_size: int) -> float:
+    """MAE: absolute lr = base lr * effective batch / 256, effective batch = batch_size * accum_iter * ranks."""
+    if args.lr is None:
+        args.lr = args.blr * args.batch_size * args.accum_iter * world_size / 256
+    return args.lr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_datasets(
+    args: argparse.Namespace, train_transform: Callable, val_transform: Callable
+) -> tuple[Dataset, Dataset]:
+    """ImageFolder train/val under --data_path, or the digits demo; checks the classes against --nb_classes."""
+    if args.demo:
+        train = DigitsDemo("train", args.input_size, train_transform)
+        val = DigitsDemo("val", args.input_size, val_transform)
+    else:
+        train = build_image_folder(args.data_path, "train", train_transform)
+        val = build_image_folder(args.data_path, "val", val_transform)
+        if train.classes != val.classes:
+            raise ValueError(f"--data_path {args.data_path}: train/ and val/ have different class folders")
+    if len(train.classes) > args.nb_classes:
+        raise ValueError(f"--nb_classes {args.nb_classes} is smaller than the {len(train.classes)} classes found")
+    if not args.eval and len(train) < args.batch_size * distributed.get_world_size():
+        raise ValueError(f"--batch_size {args.batch_size} x {distributed.get_world_size()} ranks exceeds the "
+                         f"{len(train)} training images (the last incomplete batch is dropped)")
+    return train, val
+
+
+def build_loaders(args: argparse.Namespace, train: Dataset, val: Dataset) -> tuple[DataLoader, DataLoader, int | None]:
+    """Loaders (train: shuffled, incomplete batch dropped; val: in order) and this rank's real val count."""
+    world, rank = distributed.get_world_size(), distributed.get_rank()
+    if world > 1:
+        train_sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    else:
+        train_sampler = RandomSampler(train)
+    num_real = None
+    if args.dist_eval and world > 1:
+        val_sampler = DistributedSampler(val, num_replicas=world, rank=rank, shuffle=False)
+        num_real = real_samples_on_rank(val_sampler)
+    else:
+        val_sampler = SequentialSampler(val)
+    common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.startswith("cuda"),
+                  persistent_workers=args.num_workers > 0)
+    train_loader = DataLoader(train, sampler=train_sampler, batch_size=args.batch_size, drop_last=True, **common)
+    val_loader = DataLoader(val, sampler=val_sampler, batch_size=args.batch_size, drop_last=False, **common)
+    return train_loader, val_loader, num_real
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model, optimizer, loss
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_model(args: argparse.Namespace, checkpoint: Mapping[str, Any] | None) -> nn.Module:
+    """The classifier; pre-trained encoder from --finetune (not when resuming); layer-study edits."""
+    model = models_vit.create_classifier(
+        args.model, img_size=args.input_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
+        depth=args.depth, num_heads=args.num_heads, num_classes=args.nb_classes, drop_path_rate=args.drop_path,
+        global_pool=args.global_pool,
+    )
+    if checkpoint is not None and not args.resume:
+        report = models_vit.load_encoder_weights(model, checkpoint)
+        logger.info("loaded %s: missing %s, unexpected %s", args.finetune, report.missing, report.unexpected)
+        if args.reinit_blocks:
+            models_vit.reinit_last_blocks(model, args.reinit_blocks)
+            logger.info("re-initialised the last %d blocks (Fig. 8)", args.reinit_blocks)
+    if args.trainable_blocks:
+        names = models_vit.set_trainable_blocks(model, args.trainable_blocks)
+        logger.info("training the last %d blocks + head (Fig. 7): %d tensors", args.trainable_blocks, len(names))
+    return model
+
+
+def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW over timm's layer-decay groups: block i gets lr scale decay^(depth+1-i), the head 1. No weight decay
+    on biases, norms, cls token or position embedding (the model's no_weight_decay() names)."""
+    groups = param_groups_layer_decay(
+        model, weight_decay=args.weight_decay, no_weight_decay_list=model.no_weight_decay(),
+        layer_decay=args.layer_decay,
+    )
+    return torch.optim.AdamW(groups, lr=args.lr)
+
+
+def mixup_active(args: argparse.Namespace) -> bool:
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
+def build_mixup(args: argparse.Namespace) -> Mixup | None:
+    if not mixup_active(args):
+        return None
+    return Mixup(
+        mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
+        switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
+        num_classes=args.nb_classes,
+    )
+
+
+def build_criterion(args: argparse.Namespace) -> nn.Module:
+    """Soft-target CE with Mixup/CutMix (smoothing folded into the targets), else label-smoothing CE, else CE."""
+    if mixup_active(args):
+        return SoftTargetCrossEntropy()
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints and the epoch loop (shared with main_linprobe.py)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, model: nn.Module, model_cfg: Mapping[str, Any], optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, epoch: int, args: argparse.Namespace, best_acc: float) -> None:
+    save_atomic({
+        "model": model.state_dict(), "model_cfg": dict(model_cfg), "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(), "epoch": epoch, "args": plain_args(args), "git_sha": git_sha(),
+        "best_acc": best_acc,
+    }, path)
+
+
+def restore_checkpoint(checkpoint: Mapping[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                       scaler: torch.amp.GradScaler | None, args: argparse.Namespace) -> float:
+    """Load a checkpoint of this script (model, and optimizer/scaler/epoch unless --eval); returns its best_acc."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, RuntimeError) as err:
+        raise ValueError(f"--resume {args.resume} is not a checkpoint of this script (pre-trained encoders go to "
+                         f"--finetune): {str(err).splitlines()[0]}") from err
+    if not args.eval and optimizer is not None and "optimizer" in checkpoint:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        args.start_epoch = checkpoint["epoch"] + 1
+    logger.info("resumed from %s (epoch %s)", args.resume, checkpoint.get("epoch"))
+    return float(checkpoint.get("best_acc", 0.0))
+
+
+def write_run_config(args: argparse.Namespace) -> None:
+    """The resolved flags and git SHA beside the checkpoints (rank 0)."""
+    if args.output_dir and distributed.is_main_process():
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(args.output_dir) / "args.json", "w") as f:
+            json.dump({"args": plain_args(args), "git_sha": git_sha()}, f, indent=1)
+
+
+def make_log_writer(args: argparse.Namespace) -> Any:
+    if not (args.log_dir and distributed.is_main_process()):
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=args.log_dir)
+
+
+class Run:
+    """Everything one fine-tuning or linear-probing run needs in its epoch loop."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        model: nn.Module,
+        model_without_ddp: nn.Module,
+        model_cfg: Mapping[str, Any],
+        criterion: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        loaders: tuple[DataLoader, DataLoader, int | None],
+        mixup_fn: Mixup | None = None,
+        log_writer: Any = None,
+        best_acc: float = 0.0,
+    ):
+        self.args, self.model, self.bare, self.model_cfg = args, model, model_without_ddp, model_cfg
+        self.criterion, self.optimizer, self.scaler, self.mixup_fn = criterion, optimizer, scaler, mixup_fn
+        self.train_loader, self.val_loader, self.num_real_val = loaders
+        self.log_writer, self.best_acc = log_writer, best_acc
+        self.device = torch.device(args.device)
+
+    def evaluate(self) -> dict[str, float]:
+        sharded = self.num_real_val is not None
+        return evaluate(self.val_loader, self.bare, self.device, self.args.amp, self.num_real_val, sharded)
+
+    def save(self, epoch: int, test_stats: Mapping[str, float]) -> None:
+        args = self.args
+        is_best = test_stats["acc1"] > self.best_acc
+        self.best_acc = max(self.best_acc, test_stats["acc1"])
+        if not (args.output_dir and distributed.is_main_process()):
+            return
+        out = Path(args.output_dir)
+        state = (self.bare, self.model_cfg, self.optimizer, self.scaler, epoch, args, self.best_acc)
+        save_checkpoint(out / "checkpoint-last.pth", *state)
+        if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
+            save_checkpoint(out / f"checkpoint-{epoch}.pth", *state)
+        if is_best:
+            save_checkpoint(out / "checkpoint-best.pth", *state)
+
+    def fit(self) -> dict[str, float]:
+        """Train from args.start_epoch to args.epochs, evaluating and checkpointing after each epoch."""
+        args = self.args
+        n_parameters = sum(p.numel() for p in self.bare.parameters() if p.requires_grad)
+        logger.info("start training for %d epochs (lr %.3e, %d trainable parameters)", args.epochs, args.lr,
+                    n_parameters)
+        start, test_stats = time.time(), {}
+        for epoch in range(args.start_epoch, args.epochs):
+            if isinstance(self.train_loader.sampler, DistributedSampler):
+                self.train_loader.sampler.set_epoch(epoch)
+            train_stats = train_one_epoch(self.model, self.criterion, self.train_loader, self.optimizer, self.scaler,
+                                          self.device, epoch, args, self.mixup_fn, self.log_writer)
+            test_stats = self.evaluate()
+            self.save(epoch, test_stats)
+            logger.info("Accuracy of the network on the %d test images: %.1f%% (max %.2f%%)", test_stats["n"],
+                        test_stats["acc1"], self.best_acc)
+            if self.log_writer is not None:
+                for key in ("acc1", "acc5", "loss"):
+                    self.log_writer.add_scalar(f"perf/test_{key}", test_stats[key], epoch)
+                self.log_writer.flush()
+            append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
+                                              **{f"test_{k}": v for k, v in test_stats.items()},
+                                              "epoch": epoch, "n_parameters": n_parameters})
+        logger.info("training time %s s", int(time.time() - start))
+        if not test_stats:  # resumed a finished run: nothing trained, report the checkpoint
+            test_stats = self.evaluate()
+        return {**test_stats, "best_acc1": self.best_acc}
+
+
+def setup_run(args: argparse.Namespace) -> torch.device:
+    """Process group, logging, seed, output folder."""
+    info = distributed.init_distributed(args.device, args.dist_url)
+    if info.distributed and args.device.startswith("cuda"):
+        args.device = f"cuda:{info.local_rank}"
+    setup_logging(args.output_dir)
+    resolve_lr(args, info.world_size)
+    seed_everything(args.seed + info.rank)
+    torch.backends.cudnn.benchmark = True  # fixed input size (MAE)
+    write_run_config(args)
+    logger.info("args: %s", json.dumps(plain_args(args)))
+    return torch.device(args.device)
+
+
+def wrap_ddp(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """DDP when distributed; frozen parameters (requires_grad=False) stay out of its reducer, so no
+    find_unused_parameters is needed."""
+    if not distributed.is_dist():
+        return model
+    device_ids = [torch.device(args.device).index] if args.device.startswith("cuda") else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def report(stats: Mapping[str, float], what: str) -> None:
+    """The script's final result on stdout (rank 0)."""
+    if distributed.is_main_process():
+        print(f"{what}: top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%  on {stats['n']} val images"
+              + (f"  (best top-1 {stats['best_acc1']:.2f}%)" if "best_acc1" in stats else ""), flush=True)
+
+
+def main(args: argparse.Namespace) -> dict[str, float]:
+    """Validate the flags, then fine-tune (or --eval); returns the last val stats. Raises ValueError for bad flags."""
+    return train(args, resolve_args(args))
+
+
+def train(args: argparse.Namespace, checkpoint: Mapping[str, Any] | None) -> dict[str, float]:
+    """Fine-tune (or --eval) with flags completed by `resolve_args` and its source checkpoint."""
+    device = setup_run(args)
+    train_transform = finetune_transform(not args.no_aug, args.input_size, args.aa, args.color_jitter, args.reprob,
+                                         args.remode, args.recount)
+    train_set, val_set = build_datasets(args, train_transform, finetune_transform(False, args.input_size))
+    loaders = build_loaders(args, train_set, val_set)
+    model = build_model(args, checkpoint).to(device)
+    optimizer = build_optimizer(model, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    best_acc = restore_checkpoint(checkpoint, model, optimizer, scaler, args) if args.resume else 0.0
+    run = Run(args, wrap_ddp(model, args), model, model.config, build_criterion(args), optimizer, scaler, loaders,
+              build_mixup(args), make_log_writer(args), best_acc)
+    if args.eval:
+        stats = run.evaluate()
+        report(stats, f"Evaluation of {args.resume}")
+    else:
+        stats = run.fit()
+        report(stats, "Fine-tuning")
+    distributed.cleanup()
+    return stats
+
+
+def parse_and_resolve(
+    parser: argparse.ArgumentParser, resolve: Callable[[argparse.Namespace], Any], argv: list[str] | None = None
+) -> tuple[argparse.Namespace, Any]:
+    """Parse the command line and resolve it; a ValueError exits with status 2 and its message (naming the flag)."""
+    args = parser.parse_args(argv)
+    try:
+        checkpoint = resolve(args)
+    except ValueError as err:
+        parser.error(str(err))
+    return args, checkpoint
+
+
+if __name__ == "__main__":
+    train(*parse_and_resolve(argparse.ArgumentParser("DeepMIM fine-tuning", parents=[get_args_parser()]), resolve_args))

@@ -1,0 +1,192 @@
+"""Linear probing of a frozen pre-trained encoder (MAE's recipe) and of any of its blocks (`--probe_block K`).
+
+Frozen encoder; head = BatchNorm1d(affine=False) + Linear; LARS (timm's, configured as MAE's), blr 0.1, no weight
+decay, 90 epochs with 10 of warm-up, RandomResizedCrop + flip only; features: the normalised cls token (default)
+or the average of the patch tokens (`--global_pool`). `--probe_block K` probes the raw output of block K,
+average-pooled over the patch tokens (the encoder stops at block K): the direct test of the paper's claim that
+DeepMIM's shallower blocks are more discriminative (Sec. 4, Figs. 5-7).
+
+    torchrun --nproc_per_node 8 main_linprobe.py --finetune output_dir/checkpoint-last.pth --data_path /imagenet \
+        --batch_size 2048 --epochs 90 --blr 0.1 --weight_decay 0.0 --dist_eval      # 16384 images per step, MAE
+    python main_linprobe.py --finetune ... --data_path ... --probe_block 6           # block 6 of 12
+
+Demo on CPU (after `python main_pretrain.py --demo`): `python main_linprobe.py --demo`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import VisionTransformer
+from timm.optim import Lars
+from torch import nn
+
+import main_finetune as ft
+import models_vit
+from util.cls_data import linprobe_transform
+
+logger = logging.getLogger(__name__)
+
+LARS_MOMENTUM = 0.9  # MAE's LARS defaults
+LARS_TRUST_COEFF = 0.001
+HEAD_INIT_STD = 0.01  # MAE's main_linprobe: trunc_normal_(head.weight, std=0.01)
+
+# --demo: digits from the demo pre-training checkpoint, under a minute on a 2-core CPU, about 90% top-1. LARS moves
+# each weight matrix by lr * 0.001 of its norm per step; MAE's recipe takes ~7000 steps at lr 6.4, the demo ~130, hence
+# its large base lr. Without augmentation, as the fine-tuning demo (see main_finetune.DEMO_OVERRIDES).
+DEMO_OVERRIDES: dict[str, Any] = dict(
+    finetune=ft.DEMO_PRETRAIN_CHECKPOINT, output_dir="./output_demo/linprobe", log_dir="./output_demo/linprobe",
+    nb_classes=10, epochs=12, batch_size=128, blr=100.0, warmup_epochs=1, no_aug=True, num_workers=0,
+    print_freq=10, save_freq=100,
+)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """MAE's linear-probing flags and defaults, plus `--probe_block`; add_help=False for submitit."""
+    parser = argparse.ArgumentParser("DeepMIM linear probing", add_help=False)
+    g = parser.add_argument_group("Training")
+    g.add_argument("--batch_size", default=512, type=int, help="batch size per process (MAE: 16384 in total)")
+    g.add_argument("--epochs", default=90, type=int)
+    g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
+    g.add_argument("--print_freq", default=20, type=int, help="log every N steps")
+
+    g = parser.add_argument_group("Model")
+    g.add_argument("--model", default=None, type=str, help=f"one of {', '.join(models_vit.VIT_SIZES)}; default: "
+                   "the --finetune checkpoint's encoder, else vit_base_patch16")
+    g.add_argument("--input_size", default=None, type=int,
+                   help="image size; default: the pre-training size of --finetune, else 224")
+    for name in models_vit.ARCH_KEYS:
+        g.add_argument(f"--{name}", default=None, type=int,
+                       help="default: the --finetune checkpoint's value, else the registry's")
+
+    g = parser.add_argument_group("Optimizer (LARS)")
+    g.add_argument("--weight_decay", default=0.0, type=float, help="weight decay of the head's weight (MAE: 0)")
+    g.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr * effective batch / 256)")
+    g.add_argument("--blr", default=0.1, type=float, help="base lr")
+    g.add_argument("--min_lr", default=0.0, type=float)
+    g.add_argument("--warmup_epochs", default=10, type=int)
+
+    g = parser.add_argument_group("Probe")
+    g.add_argument("--finetune", default="", type=str, help="pre-trained checkpoint (ours, MAE's or DeepMIM's)")
+    g.add_argument("--global_pool", action="store_true", help="average patch tokens + fc_norm")
+    g.add_argument("--cls_token", action="store_false", dest="global_pool", help="normalised cls token (default)")
+    parser.set_defaults(global_pool=False)
+    g.add_argument("--probe_block", default=None, type=int,
+                   help="probe block K's raw output, average-pooled over patch tokens (1..depth; the encoder "
+                        "stops at block K; overrides the pooling flags)")
+
+    ft.add_common_args(parser, nb_classes=1000)
+    return parser
+
+
+def resolve_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Validate and complete the flags; returns the loaded source checkpoint. Raises ValueError naming the flag."""
+    ft.apply_demo_overrides(args, get_args_parser(), DEMO_OVERRIDES)
+    ft.check_common_args(args)
+    if not args.finetune and not args.resume:
+        raise ValueError("--finetune is required: linear probing needs a pre-trained encoder")
+    checkpoint = ft.load_source_checkpoint(args)
+    cfg = checkpoint.get("model_cfg") if checkpoint is not None else None
+    if args.resume and cfg is not None and "probe_block" in cfg:
+        args.probe_block = cfg["probe_block"]  # a run in progress keeps its probed block
+    ft.resolve_architecture(args, checkpoint)
+    if args.probe_block is not None:
+        models_vit.check_last_blocks(args.probe_block, args.depth, "--probe_block")
+    return checkpoint
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The probe
+# --------------------------------------------------------------------------------------------------------------
+
+
+def truncate_to_block(model: VisionTransformer, block: int) -> None:
+    """Make `model` read block `block` (1-based): keep blocks 1..block, drop the final norm and fc_norm, and pool by
+    averaging the patch tokens. Features: raw output of that block, (N, L, D) -> (N, D)."""
+    models_vit.check_last_blocks(block, len(model.blocks), "--probe_block")
+    model.prune_intermediate_layers(indices=[block - 1], prune_norm=True, prune_head=True)
+    model.reset_classifier(model.config["num_classes"], global_pool="avg")
+
+
+def attach_probe_head(model: VisionTransformer) -> None:
+    """MAE's probe head: BatchNorm1d without affine parameters (eps 1e-6) then the linear classifier, initialised
+    trunc-normal (std 0.01); everything else frozen."""
+    linear = model.head
+    trunc_normal_(linear.weight, std=HEAD_INIT_STD)
+    nn.init.zeros_(linear.bias)
+    model.head = nn.Sequential(nn.BatchNorm1d(linear.in_features, affine=False, eps=1e-6), linear)
+    model.requires_grad_(False)
+    model.head.requires_grad_(True)
+
+
+def build_probe(config: Mapping[str, Any], checkpoint: Mapping[str, Any] | None = None) -> VisionTransformer:
+    """A classifier from `config` (a classifier config plus "probe_block"), the encoder loaded from a pre-training
+    `checkpoint` when given, truncated at the probed block, with a frozen encoder and a trainable probe head."""
+    config = dict(config)
+    probe_block = config.pop("probe_block", None)
+    model = models_vit.classifier_from_config(config)
+    if checkpoint is not None:
+        report = models_vit.load_encoder_weights(model, checkpoint)
+        logger.info("loaded the encoder: missing %s, unexpected %s", report.missing, report.unexpected)
+    if probe_block is not None:
+        truncate_to_block(model, probe_block)
+    attach_probe_head(model)
+    model.config = {**config, "probe_block": probe_block}
+    return model
+
+
+def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """timm's LARS set up as MAE's: trust ratio (coefficient 0.001) and weight decay only for tensors with more
+    than one dimension; biases get plain SGD with momentum 0.9.
+
+    (With weight decay, timm's trust ratio divides by |g| + wd |w| where MAE's divides by |g + wd w|; with MAE's
+    default weight decay 0 the two are identical.)
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        dict(params=[p for p in params if p.ndim > 1], weight_decay=args.weight_decay, always_adapt=True),
+        dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0, always_adapt=False),
+    ]
+    return Lars([g for g in groups if g["params"]], lr=args.lr, momentum=LARS_MOMENTUM,
+                trust_coeff=LARS_TRUST_COEFF)
+
+
+def train(args: argparse.Namespace, checkpoint: Mapping[str, Any] | None) -> dict[str, float]:
+    """Linear probing (or --eval) with flags completed by `resolve_args` and its source checkpoint."""
+    device = ft.setup_run(args)
+    train_set, val_set = ft.build_datasets(args, linprobe_transform(not args.no_aug, args.input_size),
+                                           linprobe_transform(False, args.input_size))
+    loaders = ft.build_loaders(args, train_set, val_set)
+    config = dict(name=args.model, img_size=args.input_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
+                  depth=args.depth, num_heads=args.num_heads, num_classes=args.nb_classes, drop_path_rate=0.0,
+                  global_pool=args.global_pool, probe_block=args.probe_block)
+    model = build_probe(config, None if args.resume else checkpoint).to(device)
+    optimizer = build_optimizer(model, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    best_acc = ft.restore_checkpoint(checkpoint, model, optimizer, scaler, args) if args.resume else 0.0
+    run = ft.Run(args, ft.wrap_ddp(model, args), model, model.config, nn.CrossEntropyLoss(), optimizer, scaler,
+                 loaders, None, ft.make_log_writer(args), best_acc)
+    what = f"block {args.probe_block}" if args.probe_block else ("global pool" if args.global_pool else "cls token")
+    if args.eval:
+        stats = run.evaluate()
+        ft.report(stats, f"Linear probe ({what}) evaluation of {args.resume}")
+    else:
+        stats = run.fit()
+        ft.report(stats, f"Linear probe ({what})")
+    ft.distributed.cleanup()
+    return stats
+
+
+def main(args: argparse.Namespace) -> dict[str, float]:
+    """Validate the flags, then probe (or --eval); returns the last val stats. Raises ValueError for bad flags."""
+    return train(args, resolve_args(args))
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser("DeepMIM linear probing", parents=[get_args_parser()])
+    train(*ft.parse_and_resolve(cli, resolve_args))

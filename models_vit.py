@@ -1,0 +1,223 @@
+"""ViT classifiers for fine-tuning and linear probing: timm's VisionTransformer configured as MAE's fine-tuning model.
+
+Configuration, not a re-implementation: qkv bias, LayerNorm eps 1e-6, learned position embedding with a cls slot,
+drop path, and MAE's two read-outs: `global_pool=True` averages the patch tokens and applies `fc_norm` (timm's
+'avg' pool moves the final norm after pooling, exactly as MAE's models_vit does), `global_pool=False` reads the
+normalised cls token.
+
+Also here: loading pre-trained encoders (this project's checkpoints, MAE's `mae_pretrain_vit_*.pth`, the released
+DeepMIM ones), and the paper's layer studies: train only the last K blocks (Fig. 7) and re-initialise the last K
+blocks before fine-tuning (Fig. 8).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any, NamedTuple
+
+import torch
+from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.models._manipulate import named_apply
+from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+VIT_SIZES: dict[str, tuple[int, int, int, int]] = {  # name: (patch_size, embed_dim, depth, num_heads)
+    "vit_small_patch16": (16, 384, 12, 6),
+    "vit_base_patch16": (16, 768, 12, 12),
+    "vit_large_patch16": (16, 1024, 24, 16),
+    "vit_huge_patch14": (14, 1280, 32, 16),
+}
+ARCH_KEYS = ("patch_size", "embed_dim", "depth", "num_heads")
+PRETRAIN_PREFIXES = ("deepmim_", "mae_")
+
+# Keys of pre-training checkpoints that are not part of the encoder: our decoders (`decoders.*`), MAE's and the
+# released DeepMIM's decoders (`decoder_*`, `mask_token*`), CLIP/DINO teachers and the DeepMIM-dagger generator.
+DROPPED_KEY = re.compile(r"^(decoders\.|decoder_|mask_token|teacher|generator)")
+# Only the read-out may be missing after loading an encoder: the head (always re-initialised) and fc_norm
+# (MAE's pre-training has no fc_norm; global pooling adds it).
+ALLOWED_MISSING = re.compile(r"^(head|fc_norm)\.")
+HEAD_INIT_STD = 2e-5  # MAE's main_finetune: trunc_normal_(head.weight, std=2e-5)
+
+
+def encoder_name(name: str) -> str:
+    """'deepmim_vit_base_patch16' or 'mae_vit_base_patch16' -> 'vit_base_patch16'; classifier names unchanged."""
+    for prefix in PRETRAIN_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def check_name(name: str) -> None:
+    if name not in VIT_SIZES:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(VIT_SIZES))}")
+
+
+def create_classifier(
+    name: str = "vit_base_patch16",
+    *,
+    img_size: int | None = None,
+    patch_size: int | None = None,
+    embed_dim: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
+    num_classes: int = 1000,
+    drop_path_rate: float = 0.0,
+    global_pool: bool = True,
+) -> VisionTransformer:
+    """Build a registered ViT classifier; size overrides set to None keep the registry's values.
+
+    Args:
+        global_pool: average the patch tokens and apply fc_norm (MAE's fine-tuning default); False reads the
+            normalised cls token.
+
+    The result carries `model.config`, the fully resolved keyword arguments (plus "name"), which checkpoints store
+    as "model_cfg" so `classifier_from_config` rebuilds the same model.
+    """
+    check_name(name)
+    sizes = dict(zip(ARCH_KEYS, VIT_SIZES[name]))
+    sizes.update({k: v for k, v in dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                                        num_heads=num_heads).items() if v is not None})
+    config = dict(name=name, img_size=img_size or 224, **sizes, num_classes=num_classes,
+                  drop_path_rate=drop_path_rate, global_pool=global_pool)
+    model = VisionTransformer(
+        img_size=config["img_size"], patch_size=sizes["patch_size"], embed_dim=sizes["embed_dim"],
+        depth=sizes["depth"], num_heads=sizes["num_heads"], mlp_ratio=4.0, qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=num_classes, drop_path_rate=drop_path_rate,
+        global_pool="avg" if global_pool else "token",  # 'avg' -> mean of patch tokens, then fc_norm (MAE)
+    )
+    model.config = config
+    return model
+
+
+def classifier_from_config(config: Mapping[str, Any], **overrides: Any) -> VisionTransformer:
+    """Inverse of `model.config` (a fine-tuned checkpoint's "model_cfg"); `overrides` replace stored values."""
+    config = {**config, **{k: v for k, v in overrides.items() if v is not None}}
+    return create_classifier(config.pop("name"), **config)
+
+
+def _factory(name: str) -> Callable[..., VisionTransformer]:
+    def factory(**kwargs: Any) -> VisionTransformer:
+        return create_classifier(name, **kwargs)
+
+    patch_size, embed_dim, depth, num_heads = VIT_SIZES[name]
+    factory.__name__ = name
+    factory.__doc__ = f"ViT classifier: patch {patch_size}, width {embed_dim}, {depth} blocks, {num_heads} heads."
+    return factory
+
+
+vit_small_patch16 = _factory("vit_small_patch16")
+vit_base_patch16 = _factory("vit_base_patch16")
+vit_large_patch16 = _factory("vit_large_patch16")
+vit_huge_patch14 = _factory("vit_huge_patch14")
+
+
+def encoder_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Architecture of the encoder a checkpoint's "model_cfg" describes.
+
+    Accepts this project's pre-training configs ({"name": "deepmim_vit_base_patch16", **overrides}, where absent
+    sizes are the registry's) and classifier configs. Returns {"name", "img_size", "patch_size", "embed_dim",
+    "depth", "num_heads"} with the classifier registry name.
+    """
+    name = encoder_name(str(model_cfg.get("name", "")))
+    check_name(name)
+    sizes = dict(zip(ARCH_KEYS, VIT_SIZES[name]))
+    sizes.update({k: model_cfg[k] for k in ARCH_KEYS if model_cfg.get(k) is not None})
+    return {"name": name, "img_size": model_cfg.get("img_size") or 224, **sizes}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading pre-trained encoders
+# --------------------------------------------------------------------------------------------------------------
+
+
+class EncoderLoadReport(NamedTuple):
+    missing: list[str]  # only head.* / fc_norm.* (anything else raises)
+    unexpected: list[str]  # e.g. norm.* when the model pools globally (MAE drops the final norm there too)
+    dropped: list[str]  # decoder / teacher / generator / old head keys removed before loading
+    resampled_pos_embed: bool
+
+
+def encoder_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
+    """A checkpoint ({"model": ...} or a bare state dict) -> its state dict, `module.` prefixes removed."""
+    state_dict = checkpoint.get("model", checkpoint)
+    if not isinstance(state_dict, Mapping):
+        raise ValueError("checkpoint holds no state dict (expected {'model': {...}} or a mapping of tensors)")
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+
+
+def load_encoder_weights(model: VisionTransformer, checkpoint: Mapping[str, Any]) -> EncoderLoadReport:
+    """Load a pre-trained encoder into a classifier, as MAE's fine-tuning does.
+
+    Decoder, teacher and generator weights and any old head are dropped; the position embedding is resampled
+    (bicubic, timm) when the patch grid differs, keeping the cls slot; the head is re-initialised (trunc-normal,
+    std 2e-5). Raises ValueError when an encoder weight is missing or has another shape.
+    """
+    state_dict = encoder_state_dict(checkpoint)
+    dropped = sorted(k for k in state_dict if DROPPED_KEY.match(k) or k.startswith("head."))
+    state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
+    resampled = False
+    if "pos_embed" in state_dict and state_dict["pos_embed"].shape != model.pos_embed.shape:
+        old = state_dict["pos_embed"]
+        state_dict["pos_embed"] = resample_abs_pos_embed(
+            old, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=model.num_prefix_tokens
+        )
+        resampled = True
+        logger.info("resampled pos_embed %s -> %s", tuple(old.shape), tuple(state_dict["pos_embed"].shape))
+    own = model.state_dict()
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise ValueError("checkpoint does not fit the model (give the pre-training architecture: --patch_size "
+                         f"--embed_dim --depth --num_heads): {'; '.join(mismatched)}")
+    result = model.load_state_dict(state_dict, strict=False)
+    missing, unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
+    logger.info("load_encoder_weights: missing %s, unexpected %s, dropped %d keys", missing, unexpected, len(dropped))
+    bad = [k for k in missing if not ALLOWED_MISSING.match(k)]
+    if bad:
+        raise ValueError(f"encoder weights missing from the checkpoint: {bad}")
+    reset_head(model)
+    return EncoderLoadReport(missing, unexpected, dropped, resampled)
+
+
+def reset_head(model: VisionTransformer, std: float = HEAD_INIT_STD) -> None:
+    """MAE's head initialisation for fine-tuning: trunc-normal weights (std 2e-5), zero bias."""
+    if isinstance(model.head, nn.Linear):
+        trunc_normal_(model.head.weight, std=std)
+        nn.init.zeros_(model.head.bias)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The paper's layer studies (Sec. 4, Figs. 7 and 8)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def check_last_blocks(k: int, depth: int, flag: str) -> None:
+    if not 1 <= k <= depth:
+        raise ValueError(f"{flag} must be in 1..{depth} (the encoder depth), got {k}")
+
+
+def set_trainable_blocks(model: VisionTransformer, k: int) -> list[str]:
+    """Fig. 7: freeze the patch embedding, cls/pos embeddings and the first depth-K blocks; train the last K blocks,
+    the final norm / fc_norm and the head. Frozen parameters get requires_grad=False, so neither the optimizer nor
+    DDP's reducer sees them. Returns the names of the trainable parameters."""
+    depth = len(model.blocks)
+    check_last_blocks(k, depth, "--trainable_blocks")
+    model.requires_grad_(False)
+    for module in (*model.blocks[depth - k:], model.norm, model.fc_norm, model.head):
+        module.requires_grad_(True)
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def reinit_last_blocks(model: VisionTransformer, k: int) -> None:
+    """Fig. 8: re-initialise the last K blocks with timm's ViT initialisation (trunc-normal 0.02 linears, zero
+    biases, unit LayerNorms), keeping the pre-trained weights of the first depth-K blocks."""
+    depth = len(model.blocks)
+    check_last_blocks(k, depth, "--reinit_blocks")
+    with torch.no_grad():
+        for block in model.blocks[depth - k:]:
+            named_apply(init_weights_vit_timm, block)

@@ -1,0 +1,154 @@
+"""Classification data: MAE's fine-tuning and linear-probing transforms, ImageFolder train/val sets, and the built-in
+labelled demo set (scikit-learn's handwritten digits, upsampled to RGB at the model's input size).
+
+Transforms return float tensors normalised with ImageNet's mean/std (Mixup/CutMix and random erasing work on
+normalised images, as in MAE).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from timm.data import create_transform
+from timm.data.auto_augment import RandAugment
+from timm.data.auto_augment import posterize as timm_posterize
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision import datasets, transforms
+from torchvision.transforms import InterpolationMode
+
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD, check_image_folder
+
+Split = Literal["train", "val"]
+SPLITS: tuple[Split, Split] = ("train", "val")
+Transform = Callable[[Image.Image], Tensor]
+
+DIGITS_VAL_FRACTION = 0.2  # fixed held-out share of the 1797 digits
+DIGITS_SPLIT_SEED = 0
+
+
+def eval_transform(input_size: int) -> Transform:
+    """MAE's evaluation transform: resize the short side to input/0.875 (bicubic), centre crop, normalise.
+
+    Above 224 px MAE resizes straight to the input size (crop_pct 1)."""
+    crop_pct = 224 / 256 if input_size <= 224 else 1.0
+    return transforms.Compose([
+        transforms.Resize(int(input_size / crop_pct), interpolation=InterpolationMode.BICUBIC),
+        transforms.CenterCrop(input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def finetune_transform(
+    is_train: bool,
+    input_size: int,
+    aa: str | None = "rand-m9-mstd0.5-inc1",
+    color_jitter: float | None = None,
+    reprob: float = 0.25,
+    remode: str = "pixel",
+    recount: int = 1,
+    scale: tuple[float, float] = (0.08, 1.0),
+) -> Transform:
+    """MAE's fine-tuning augmentation (paper Appendix A: RandAugment, random erasing) through timm's
+    `create_transform`: RandomResizedCrop (bicubic, area fraction in `scale`), flip, RandAugment `aa` ('none':
+    off), random erasing; eval: `eval_transform`."""
+    if not is_train:
+        return eval_transform(input_size)
+    aa = None if aa in (None, "", "none") else aa
+    transform = create_transform(
+        input_size=input_size, is_training=True, color_jitter=color_jitter, auto_augment=aa, interpolation="bicubic",
+        re_prob=reprob, re_mode=remode, re_count=recount, mean=IMAGENET_MEAN, std=IMAGENET_STD, scale=scale,
+    )
+    return keep_zero_bit_posterize(transform)
+
+
+def keep_zero_bit_posterize(transform: transforms.Compose) -> transforms.Compose:
+    """Route RandAugment's posterize through `posterize_zero_bits_black` (see there)."""
+    for t in getattr(transform, "transforms", []):
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.aug_fn is timm_posterize:
+                    op.aug_fn = posterize_zero_bits_black
+    return transform
+
+
+def posterize_zero_bits_black(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, keeping 0 bits -> a black image.
+
+    RandAugment's increasing posterize ('inc1') keeps 4 - int(4 m / 10) bits, so 0 bits whenever the sampled
+    magnitude reaches 10 (about 2% of draws with m9-mstd0.5). Pillow < 13 returned a black image there (MAE was
+    trained that way); Pillow 13 raises ValueError, which would stop training at random.
+    """
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return timm_posterize(img, bits_to_keep, **kwargs)
+
+
+def linprobe_transform(is_train: bool, input_size: int, scale: tuple[float, float] = (0.08, 1.0)) -> Transform:
+    """MAE's linear-probing augmentation: RandomResizedCrop (bicubic) + horizontal flip only; eval as fine-tuning."""
+    if not is_train:
+        return eval_transform(input_size)
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=scale, interpolation=InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def check_classification_folders(data_path: str | os.PathLike | None) -> None:
+    """Raise ValueError naming --data_path unless it holds ImageFolder roots `train/` and `val/` with images."""
+    if not data_path:
+        raise ValueError("--data_path is required (a folder with train/ and val/ ImageFolder roots) unless --demo")
+    for split in SPLITS:
+        folder = Path(data_path) / split
+        if not folder.is_dir():
+            raise ValueError(f"--data_path {data_path} has no '{split}' folder (expected {'/, '.join(SPLITS)}/)")
+        check_image_folder(folder)
+
+
+def build_image_folder(data_path: str | os.PathLike, split: Split, transform: Transform) -> datasets.ImageFolder:
+    """ImageFolder over `data_path/split` (class = sub-folder name, sorted)."""
+    return datasets.ImageFolder(str(Path(data_path) / split), transform=transform)
+
+
+class DigitsDemo(Dataset):
+    """scikit-learn's 8x8 handwritten digits (1797 real scans, 10 classes, shipped with the package) as RGB PIL
+    images upsampled (bicubic) to `input_size`, with a fixed random train/val split (seed 0, 20% val).
+
+    Items: (transform(image), label in 0..9).
+    """
+
+    classes = [str(d) for d in range(10)]
+
+    def __init__(self, split: Split, input_size: int, transform: Transform | None = None):
+        from sklearn.datasets import load_digits
+
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        digits = load_digits()
+        order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(digits.target))
+        n_val = int(len(order) * DIGITS_VAL_FRACTION)
+        self.indices = order[:n_val] if split == "val" else order[n_val:]  # rows of load_digits()
+        index = self.indices
+        self.images = (digits.images[index] * (255.0 / 16.0)).round().astype(np.uint8)  # (n, 8, 8), 0..16 -> 0..255
+        self.targets = digits.target[index].astype(np.int64)
+        self.input_size = input_size
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def image(self, index: int) -> Image.Image:
+        gray = Image.fromarray(self.images[index]).resize((self.input_size, self.input_size), Image.BICUBIC)
+        return gray.convert("RGB")
+
+    def __getitem__(self, index: int) -> tuple[Tensor | Image.Image, int]:
+        image = self.image(index)
+        return (self.transform(image) if self.transform else image), int(self.targets[index])
