@@ -97,8 +97,9 @@ class DemoPhotos(Dataset):
 # Reproducible, fault-tolerant sampling (exact resume, broken files)
 # ------------------------------------------------------------------------------------------------------------------
 
-# What PIL and torchvision raise for unreadable, truncated or non-image files.
-BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# What PIL and torchvision raise for unreadable, truncated or non-image files (torchvision's JPEG decoder raises
+# RuntimeError). A systematic failure still stops the run through --max_bad_images.
+BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError)
 
 
 class RobustSeededDataset(Dataset):
