@@ -214,4 +214,9 @@ def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("Data pipeline benchmark", parents=[get_args_parser()])
-    main(parser.parse_args())
+    cli_args = parser.parse_args()
+    try:
+        validate(cli_args)
+    except ValueError as err:
+        parser.error(str(err))
+    main(cli_args)

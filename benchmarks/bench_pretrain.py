@@ -7,20 +7,25 @@ util/flops.py (encoder on visible tokens, every decoder on all tokens, heads on 
 generator forward once); the utilisation divides them by the machine's matrix-multiply peak for the autocast dtype,
 measured in the same run with large square matmuls.
 
-    # the issue's CPU setting: ViT-B DeepMIM and MAE, bf16, batch 16, + DeepMIM-dagger
+    # the issue's CPU setting: ViT-B DeepMIM and MAE, bf16, batch 16, + DeepMIM-dagger (defaults: the training
+    # script's choices, i.e. explicit-matmul attention on the CPU and fused AdamW)
     python benchmarks/bench_pretrain.py --model deepmim_vit_base_patch16 mae_vit_base_patch16 --batch_size 16 \\
-        --amp bf16 --hybrid --steps 3 --warmup 1
+        --amp bf16 --hybrid --steps 3 --warmup 1 --frozen_amp
+    # the options: --attn sdpa|math, --adamw foreach|fused
     # where the time goes (torch.profiler, one step of the first configuration)
     python benchmarks/bench_pretrain.py --model deepmim_vit_base_patch16 --batch_size 16 --amp bf16 --profile
-    # the implementation options: attention path, AdamW implementation
-    python benchmarks/bench_pretrain.py --model deepmim_vit_base_patch16 --attn math --adamw fused
+    # per target (CLIP / DINO teachers with random weights: same cost as the real ones)
+    python benchmarks/bench_pretrain.py --model deepmim_vit_base_patch16 --target pixel hog clip dino
     # one GPU: see benchmarks/gpu_check.sh
 
-Options that are not (yet) the training script's own are applied here by setting module attributes, so that a
-measured gain can be moved into models_deepmim.py / main_pretrain.py as is: `--attn math` sets timm's
-`Attention.fused_attn = False` (explicit q k^T, softmax, attn v instead of scaled_dot_product_attention), `--adamw`
-picks torch's AdamW implementation, `--frozen_amp` lets a frozen teacher / generator run under the same autocast as
-the student on every device (util/teachers.frozen_autocast keeps them in float32 on the CPU).
+On a CPU shared with other jobs add `--threads 1`: with more threads than free cores every parallel region waits
+for a descheduled thread and step times vary 2x (benchmarks/RESULTS.md).
+
+The options are applied here by setting module attributes, so that a measured gain can be moved into the training
+code as is: `--attn` sets timm's `Attention.fused_attn` (explicit q k^T, softmax, attn v instead of
+scaled_dot_product_attention; main_pretrain.py does it with `timm.layers.set_fused_attn`), `--adamw` picks torch's
+AdamW implementation, `--frozen_amp` lets a frozen teacher / generator run under the same autocast as the student on
+every device (util/teachers.frozen_autocast keeps them in float32 on the CPU).
 """
 
 from __future__ import annotations
@@ -63,10 +68,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, type=str, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--steps", default=3, type=int, help="timed steps per configuration")
     parser.add_argument("--warmup", default=1, type=int, help="untimed steps first (compilation, allocator)")
-    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "math"),
-                        help="attention: fused scaled_dot_product_attention (timm default) or explicit matmuls")
-    parser.add_argument("--adamw", default="auto", choices=("auto", "foreach", "fused"),
-                        help="AdamW implementation (auto: fused on CUDA, foreach elsewhere, as main_pretrain.py)")
+    parser.add_argument("--attn", default="auto", choices=("auto", "sdpa", "math"),
+                        help="attention: fused scaled_dot_product_attention or explicit matmuls (auto: sdpa on CUDA, "
+                             "math elsewhere, as main_pretrain.py)")
+    parser.add_argument("--adamw", default="fused", choices=("foreach", "fused"),
+                        help="AdamW implementation (main_pretrain.py: fused)")
     parser.add_argument("--frozen_amp", action="store_true",
                         help="run teacher / generator under the student's autocast on every device")
     parser.add_argument("--no_norm_pix_loss", dest="norm_pix_loss", action="store_false",
@@ -138,10 +144,17 @@ def matmul_rates(device: torch.device, dtype: torch.dtype, sizes: list[int], sec
 
 
 def set_attention(module: torch.nn.Module, attn: str) -> None:
-    """timm's switch between fused scaled_dot_product_attention and the explicit matmul path."""
+    """timm's switch between fused scaled_dot_product_attention ('sdpa') and the explicit matmul path ('math')."""
     for m in module.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = attn == "sdpa"
+
+
+def resolve_attn(attn: str, device: torch.device) -> str:
+    """'auto' -> what main_pretrain.py picks: fused SDPA on CUDA, explicit matmuls elsewhere."""
+    if attn != "auto":
+        return attn
+    return "sdpa" if device.type == "cuda" else "math"
 
 
 @contextlib.contextmanager
@@ -204,7 +217,7 @@ def make_targets_fn(model, target, generator, mask_ratio: float):
 def build_optimizer(model: torch.nn.Module, choice: str, device: torch.device) -> torch.optim.Optimizer:
     """main_pretrain.build_optimizer's AdamW with an explicit implementation."""
     groups = param_groups_weight_decay(model, 0.05, no_weight_decay_list=model.no_weight_decay())
-    fused = device.type == "cuda" if choice == "auto" else choice == "fused"
+    fused = choice == "fused"
     return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=fused or None, foreach=None if fused else True)
 
 
@@ -424,6 +437,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    args.attn = resolve_attn(args.attn, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -445,4 +459,10 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("Pre-training step benchmark", parents=[get_args_parser()])
-    main(parser.parse_args())
+    cli_args = parser.parse_args()
+    cli_args.device = cli_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        validate(cli_args)
+    except ValueError as err:
+        parser.error(str(err))
+    main(cli_args)

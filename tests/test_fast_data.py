@@ -155,7 +155,7 @@ def test_draft_decode_only_when_the_crop_is_downscaled_enough(tmp_path, draft_sp
     assert len(draft_spy) == calls  # neither decoded at a reduced scale
 
 
-def test_non_jpeg_and_grayscale_inputs(tmp_path, draft_spy):
+def test_non_jpeg_grayscale_and_cmyk_inputs(tmp_path, draft_spy):
     png = tmp_path / "photo.png"
     demo_photos()[0].resize((500, 375)).save(png)
     gray = jpeg_file(tmp_path / "gray.jpg", (1000, 750), mode="L")
@@ -169,6 +169,9 @@ def test_non_jpeg_and_grayscale_inputs(tmp_path, draft_spy):
         assert out.shape == (3, 64, 64) and torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
         assert fd.psnr(out, pil_reference(Image.open(gray), crop, 64)) >= 35
     assert draft_spy == [(250, 187)]
+    cmyk = jpeg_file(tmp_path / "cmyk.jpg", (500, 375), mode="CMYK")  # a few ImageNet files are CMYK
+    decoded = fd.decode_full(cmyk.read_bytes(), Image.open(cmyk))
+    assert torch.equal(decoded, fd.pil_to_uint8(Image.open(cmyk).convert("RGB")))
 
 
 def test_dataset_and_loader_yield_uint8_batches(image_folder):

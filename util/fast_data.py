@@ -43,10 +43,6 @@ from torchvision.transforms.v2 import functional as F2
 
 PRETRAIN_SCALE = (0.2, 1.0)  # MAE's RandomResizedCrop scale range (paper Appendix A follows MAE)
 PRETRAIN_RATIO = (3 / 4, 4 / 3)  # torchvision's default aspect-ratio range, as in MAE
-# torchvision 0.29 deprecates its JPEG decoders in favour of TorchCodec's (the same libjpeg-turbo / nvJPEG); they
-# still work, and this module is the one place to switch when they are removed.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
-                        category=DeprecationWarning)
 DCT_SCALES = (8, 4, 2, 1)  # the reductions libjpeg's scaled IDCT offers through PIL's Image.draft
 # Smallest reduction worth it: at 1/2, PIL's reduced decode plus its resize were slower here than torchvision's
 # full decode plus the uint8 tensor resize; from 1/4 on they are faster (benchmarks/RESULTS.md).
@@ -103,6 +99,17 @@ def dct_scale(crop_height: int, crop_width: int, out_height: int, out_width: int
     return 1
 
 
+def _decode_jpeg(data: Tensor | list[Tensor], device: torch.device | str = "cpu") -> Tensor | list[Tensor]:
+    """torchvision's JPEG decoder (libjpeg-turbo on the CPU, nvJPEG on CUDA) to RGB uint8 (3, H, W).
+
+    torchvision 0.29 deprecates its decoders in favour of TorchCodec's (the same libraries); they still work, and
+    this function is the one place to switch when they are removed. The per-call warning is silenced here.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
 def open_header(data: bytes) -> Image.Image:
     """Parse an encoded image's header (size, format); nothing is decoded."""
     return Image.open(io.BytesIO(data))
@@ -129,7 +136,7 @@ def decode_full(data: bytes, img: Image.Image) -> Tensor:
     and is about 1.5x faster here than PIL's decode plus its copy to an array; other formats through PIL.
     """
     if img.format == "JPEG":
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return _decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     return pil_to_uint8(img.convert("RGB"))
 
 
@@ -280,7 +287,7 @@ def decode_crop_resize(
         raise ValueError(
             f"need one [top, left, h, w, flip] row per image: {len(jpegs)} images, crops {tuple(crops.shape)}"
         )
-    images = decode_jpeg(list(jpegs), mode=ImageReadMode.RGB, device=device)
+    images = _decode_jpeg(list(jpegs), device=device)
     out = torch.empty(len(images), 3, *size, dtype=torch.uint8, device=device)
     for i, (image, (top, left, h, w, flip)) in enumerate(zip(images, crops.tolist())):
         region = image[None, :, top : top + h, left : left + w].float()
