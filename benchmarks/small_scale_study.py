@@ -26,10 +26,13 @@ reconstruction loss with fixed masks (`tools/eval_recon_loss.py`, Fig. 3), CKA o
 Writes `<output_dir>/study.json` (every number, the machine, the timings), `<output_dir>/figures/*.png` (with the
 plotted numbers as JSON beside each) and `<output_dir>/table.md`; `--docs_dir` also copies the JSON and the PNGs
 to `<docs_dir>/small_scale_study.json` and `<docs_dir>/figures/`. Every run keeps its own folder
-(`runs/<variant>/seed<S>/`, `probes/...`, `analysis/seed<S>/`) with the scripts' usual logs and checkpoints.
+(`runs/<variant>/seed<S>/`, `probes/<variant>/seed<S>/block<K>/`, `analysis/seed<S>/<tool>/`) with the scripts'
+usual logs and the pre-training checkpoints (the probes' checkpoints are dropped), and `study_result.json`, which
+`--reuse` uses to resume an interrupted study.
 
-The budget (`FULL`) was fixed once from measured step times to fit 30 minutes on a 2-core CPU; it was not tuned
-to make any claim hold (docs/small_scale_study.md says how each number was chosen).
+The budget (`FULL`) was fixed once from measured step times to fit about 25 minutes of an idle 2-core CPU (two runs
+at a time, one thread each); it was not tuned to make any claim hold (docs/small_scale_study.md says how each
+number was chosen).
 """
 
 from __future__ import annotations
@@ -207,6 +210,7 @@ def tool_argv(checkpoints: Mapping[str, Path], budget: Budget, data: Path, outpu
 
 
 def run_pretrain(argv: list[str]) -> dict[str, Any]:
+    """main_pretrain.py with `argv`; returns the last epoch's training losses, the timings and the checkpoint."""
     import main_pretrain
 
     start, cpu = time.time(), time.process_time()
@@ -217,13 +221,12 @@ def run_pretrain(argv: list[str]) -> dict[str, Any]:
 
 
 def run_probe(argv: list[str]) -> dict[str, Any]:
+    """main_linprobe.py with `argv`; returns the last epoch's validation stats (acc1, acc5, loss, n, best_acc1)."""
     import main_linprobe
 
     start, cpu = time.time(), time.process_time()
     parser = argparse.ArgumentParser("linear probe", parents=[main_linprobe.get_args_parser()])
     args = parser.parse_args(argv)
-    if not hasattr(args, "clip_grad"):  # engine_finetune reads it; main_linprobe's parser does not define it (yet)
-        args.clip_grad = None
     stats = main_linprobe.main(args)
     # The probe's checkpoints are copies of the frozen encoder plus a 1,290-parameter head: drop them (its log.txt
     # and args.json stay), or 72 probes would fill a gigabyte.
@@ -242,6 +245,7 @@ def load_tool(name: str):
 
 
 def run_tool(name: str, argv: list[str]) -> dict[str, Any]:
+    """tools/<name>.py's main with `argv`; returns everything it returns (also written to its JSON files)."""
     start, cpu = time.time(), time.process_time()
     tool = load_tool(name)
     data = tool.main(tool.get_args_parser().parse_args(argv))
@@ -251,7 +255,7 @@ def run_tool(name: str, argv: list[str]) -> dict[str, Any]:
 class Task(NamedTuple):
     fn: Callable[..., dict[str, Any]]
     args: tuple
-    output_dir: Path  # where the task writes; result.json there lets --reuse skip it
+    output_dir: Path  # where the task writes; its study_result.json lets --reuse skip it
 
 
 def execute(task: Task, reuse: bool) -> dict[str, Any]:
@@ -282,6 +286,9 @@ class InlineExecutor(Executor):
 
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
+
+
+MAX_DEFAULT_JOBS = 8
 
 
 def default_threads(jobs: int, smoke: bool) -> int:
@@ -584,10 +591,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("DeepMIM small-scale study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, type=str, help="data, runs, figures, study.json, table.md")
-    parser.add_argument("--seeds", default=[0, 1, 2], type=int, nargs="+", help="one study per seed (>= 3 for std)")
+    parser.add_argument("--seeds", default=None, type=int, nargs="+",
+                        help="pre-training and probe seeds, each a full repeat (default: 0 1 2; 0 with --smoke)")
     parser.add_argument("--smoke", action="store_true",
                         help="seconds: narrow model, a handful of steps, one probe epoch, 6 images per class and split")
-    parser.add_argument("--jobs", default=1, type=int, help="runs in parallel (processes); 1: all in this process")
+    parser.add_argument("--jobs", default=None, type=int,
+                        help="runs in parallel, each in its own process (default: the cores, at most 8; 1 with "
+                             "--smoke); 1: every run in this process")
     parser.add_argument("--threads", default=None, type=int,
                         help="torch threads per run (default: cores / jobs; 1 with --smoke)")
     parser.add_argument("--reuse", action="store_true",
@@ -599,9 +609,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Raise ValueError naming the flag before any compute."""
+    if args.seeds is None:
+        args.seeds = [0] if args.smoke else [0, 1, 2]
     if len(set(args.seeds)) != len(args.seeds) or any(s < 0 for s in args.seeds):
         raise ValueError(f"--seeds must be distinct non-negative integers, got {args.seeds}")
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -623,11 +635,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     data_dir = output_dir / "data"
     data = export_digits(data_dir, budget.input_size, budget.per_class)
-    threads = args.threads or default_threads(args.jobs, args.smoke)
-    executor = make_executor(args.jobs, threads)
+    jobs = args.jobs or (1 if args.smoke else min(os.cpu_count() or 1, MAX_DEFAULT_JOBS))
+    threads = args.threads or default_threads(jobs, args.smoke)
+    executor = make_executor(jobs, threads)
     study = Study(output_dir, budget, args.seeds, Scheduler(executor, args.reuse), data_dir, data["images"]["val"])
     torch_threads = torch.get_num_threads()
-    if args.jobs == 1:
+    if jobs == 1:
         torch.set_num_threads(threads)
     try:
         study.start()
@@ -640,7 +653,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "command": "python benchmarks/small_scale_study.py " + " ".join(sys.argv[1:]) if __name__ == "__main__"
         else None,
         "started": started_at, "seconds": time.time() - start, "load_average_start": load_start,
-        "load_average_end": os.getloadavg(), "machine": machine_info(), "jobs": args.jobs, "threads": threads,
+        "load_average_end": os.getloadavg(), "machine": machine_info(), "jobs": jobs, "threads": threads,
         "seeds": args.seeds, "smoke": args.smoke, "budget": dataclasses.asdict(budget),
         "variants": {k: v._asdict() for k, v in VARIANTS.items()}, "data": data, **summary,
         "runs": {v: {str(s): run for s, run in by_seed.items()} for v, by_seed in study.runs.items()},
