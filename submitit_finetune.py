@@ -9,29 +9,12 @@ A requeued job resumes from the newest checkpoint of its job folder (epoch granu
 
 from __future__ import annotations
 
-import argparse
-
 import main_finetune
 from util import submit
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser("Submitit for DeepMIM fine-tuning", parents=[main_finetune.get_args_parser()])
-    submit.add_launcher_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        submit.validate_launcher_args(args)
-        main_finetune.resolve_args(argparse.Namespace(**vars(args)))  # validation only; the job resolves again
-    except ValueError as err:
-        parser.error(str(err))
-    return args
-
-
 def main(argv: list[str] | None = None):
-    args = parse_args(argv)
-    job = submit.submit(main_finetune.main, args, name="deepmim_finetune", auto_resume=False)
-    print(f"Submitted job {job.job_id}; logs and checkpoints in {args.job_dir.replace('%j', str(job.job_id))}")
-    return job
+    return submit.classification_launcher(main_finetune, "deepmim_finetune", argv)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,10 @@ def tiny_pretrained(path: Path) -> Path:
 @pytest.mark.parametrize("launcher", [submitit_finetune, submitit_linprobe])
 def test_launchers_validate_before_submitting(launcher, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        launcher.parse_args(["--ngpus", "0", "--demo"])
+        launcher.main(["--ngpus", "0", "--demo"])
     assert "--ngpus" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        launcher.parse_args(["--finetune", str(tmp_path / "missing.pth"), "--data_path", str(tmp_path)])
+        launcher.main(["--finetune", str(tmp_path / "missing.pth"), "--data_path", str(tmp_path)])
     assert "missing.pth" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 

@@ -104,3 +104,19 @@ def submit(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace, 
     if args.resume == "" and auto_resume:
         args.resume = "auto"  # a requeued or re-submitted job continues where its folder left off
     return executor.submit(Job(main, args, auto_resume))
+
+
+def classification_launcher(module: Any, name: str, argv: list[str] | None = None):
+    """Parse, validate and submit a fine-tuning / linear-probing job (`module` has get_args_parser, resolve_args,
+    main); a requeue resumes from the job folder's newest checkpoint."""
+    parser = argparse.ArgumentParser(f"Submitit for {name}", parents=[module.get_args_parser()])
+    add_launcher_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        validate_launcher_args(args)
+        module.resolve_args(argparse.Namespace(**vars(args)))  # validation only; the job resolves again
+    except ValueError as err:
+        parser.error(str(err))
+    job = submit(module.main, args, name=name, auto_resume=False)
+    print(f"Submitted job {job.job_id}; logs and checkpoints in {args.job_dir.replace('%j', str(job.job_id))}")
+    return job
