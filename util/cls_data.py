@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
-from util.datasets import IMAGENET_MEAN, IMAGENET_STD, check_image_folder
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD, GuardedLoader, check_image_folder
 
 Split = Literal["train", "val"]
 SPLITS: tuple[Split, Split] = ("train", "val")
@@ -114,8 +114,12 @@ def check_classification_folders(data_path: str | os.PathLike | None) -> None:
 
 
 def build_image_folder(data_path: str | os.PathLike, split: Split, transform: Transform) -> datasets.ImageFolder:
-    """ImageFolder over `data_path/split` (class = sub-folder name, sorted)."""
-    return datasets.ImageFolder(str(Path(data_path) / split), transform=transform)
+    """ImageFolder over `data_path/split` (class = sub-folder name, sorted).
+
+    A file that cannot be read or decoded raises `util.datasets.UnreadableImageError` naming it (what
+    `RobustSeededDataset` replaces and counts); errors of `transform` propagate as they are."""
+    return datasets.ImageFolder(str(Path(data_path) / split), transform=transform,
+                                loader=GuardedLoader(datasets.folder.default_loader))
 
 
 class DigitsDemo(Dataset):

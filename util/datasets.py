@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
+import random
+import signal
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,9 +71,12 @@ def check_image_folder(path: str | os.PathLike) -> None:
 
 
 def build_pretrain_dataset(data_path: str, input_size: int) -> Dataset:
-    """ImageFolder over `data_path` (or `data_path/train` when it exists), MAE's transform."""
+    """ImageFolder over `data_path` (or `data_path/train` when it exists), MAE's transform.
+
+    A file that cannot be read or decoded raises `UnreadableImageError` (see `GuardedLoader`)."""
     root = Path(data_path) / "train" if (Path(data_path) / "train").is_dir() else Path(data_path)
-    return datasets.ImageFolder(str(root), transform=pretrain_transform(input_size))
+    return datasets.ImageFolder(str(root), transform=pretrain_transform(input_size),
+                                loader=GuardedLoader(datasets.folder.default_loader))
 
 
 def demo_photos() -> list[Image.Image]:
@@ -97,15 +106,88 @@ class DemoPhotos(Dataset):
 # Reproducible, fault-tolerant sampling (exact resume, broken files)
 # ------------------------------------------------------------------------------------------------------------------
 
-# What PIL and torchvision raise for unreadable, truncated or non-image files (torchvision's JPEG decoder raises
-# RuntimeError). A systematic failure still stops the run through --max_bad_images.
-BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError)
+# What reading and decoding a broken file raises: PIL raises OSError (UnidentifiedImageError, "image file is
+# truncated"), SyntaxError, ValueError, EOFError, struct.error or DecompressionBombError; torchvision's JPEG decoder
+# raises RuntimeError. Only the reading/decoding step is guarded with these (`GuardedLoader`, `unreadable_as_error`):
+# the same types raised by a transform are bugs and propagate.
+BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, RuntimeError, EOFError, struct.error,
+                    Image.DecompressionBombError)
+
+
+class UnreadableImageError(Exception):
+    """A file could not be read or decoded as an image (unreadable, truncated, not an image).
+
+    The only error `RobustSeededDataset` replaces and counts; `cause` is the decoder's or the OS's error.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, cause: BaseException | None = None):
+        self.path, self.cause = (None if path is None else str(path)), cause
+        where = "image data" if path is None else f"image {path}"
+        # With no cause (e.g. re-created from a DataLoader worker's message), `path` is the whole message.
+        super().__init__(f"unreadable {where}: {type(cause).__name__}: {cause}" if cause is not None else str(path))
+
+
+@contextmanager
+def unreadable_as_error(path: str | os.PathLike | None = None) -> Iterator[None]:
+    """Turn the decode/IO errors (`BAD_IMAGE_ERRORS`) raised inside the block into `UnreadableImageError(path)`.
+
+    Guard only the reading and decoding of a file with it, never a transform."""
+    try:
+        yield
+    except BAD_IMAGE_ERRORS as err:
+        raise UnreadableImageError(path, err) from err
+
+
+class GuardedLoader:
+    """An ImageFolder `loader` (path -> image) whose read/decode failures raise `UnreadableImageError(path)`.
+
+    Picklable (DataLoader workers). Wrap the loader, not the transform: augmentation bugs keep their own type.
+    """
+
+    def __init__(self, loader: Callable[[str], Any]):
+        self.loader = loader
+
+    def __call__(self, path: str) -> Any:
+        with unreadable_as_error(path):
+            return self.loader(path)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({getattr(self.loader, '__name__', self.loader)!r})"
+
+
+def sample_seed(seed: int, epoch: int, index: int, length: int) -> int:
+    """The seed of sample `index` of a dataset of `length` items in `epoch` (unique per triple, < 2**64)."""
+    return ((seed * 1_000_003 + epoch) * length + index) % 2**64
+
+
+@contextmanager
+def seeded_host_rngs(seed: int) -> Iterator[None]:
+    """Seed the host RNGs augmentations draw from (torch's default CPU generator, python's `random`, numpy's
+    global RNG) with `seed` inside the block, and restore their previous states afterwards.
+
+    CUDA (and other accelerator) generators are never touched: `torch.manual_seed` would reseed them, and in the
+    main process (--num_workers 0) that would reset the masking noise at every sample.
+    """
+    torch_state, python_state, numpy_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    try:
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed([seed % 2**32, seed >> 32])  # numpy takes 32-bit words
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 class RobustSeededDataset(Dataset):
-    """Wraps a dataset so that (1) each sample's augmentation is drawn from a generator seeded by (seed, epoch,
+    """Wraps a dataset so that (1) each sample's augmentation is drawn from host RNGs seeded by (seed, epoch,
     index) — the same crops whatever the worker count or the point a run resumed from — and (2) an unreadable
     image is replaced by another sample, logged with its path and counted.
+
+    Only `UnreadableImageError` counts as a broken file: build the wrapped dataset with a guarded loader
+    (`build_pretrain_dataset`, `util.fast_data.build_fast_pretrain_dataset`, `GuardedLoader`). Any other error,
+    e.g. a bug in a transform, propagates unchanged.
 
     Items are (image, label, bad) where bad is the number of broken files skipped to produce this item.
     """
@@ -127,16 +209,32 @@ class RobustSeededDataset(Dataset):
         length = len(self)
         for bad in range(self.max_retries + 1):
             candidate = (index + bad * 7919) % length  # a deterministic replacement (7919 is prime)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((self.seed * 1_000_003 + self.epoch) * length + candidate)
-                try:
+            try:
+                with seeded_host_rngs(sample_seed(self.seed, self.epoch, candidate, length)):
                     image, label = self.dataset[candidate]
-                    return image, label, bad
-                except BAD_IMAGE_ERRORS as err:
-                    logger.warning("skipping unreadable image %s (%s: %s)", self._path(candidate),
-                                   type(err).__name__, err)
+                return image, label, bad
+            except UnreadableImageError as err:
+                cause = err.cause if err.cause is not None else err
+                logger.warning("skipping unreadable image %s (%s: %s)", self._path(candidate),
+                               type(cause).__name__, cause)
         raise RuntimeError(f"{self.max_retries + 1} unreadable images in a row around index {index}; "
                            "is --data_path the right folder?")
+
+
+# Signals SLURM sends every process of a job step on preemption, scancel or time-out (and submitit's USR2).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: the worker ignores SIGTERM, SIGUSR1 and SIGUSR2.
+
+    SLURM signals every process of the job step; a worker killed by it makes the main process fail with "DataLoader
+    worker exited unexpectedly" before it can save. The main process keeps its own graceful-stop handler
+    (util/preemption.py) and shuts the workers down itself; a worker whose main process is gone exits on its own
+    (torch's worker watchdog).
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class ResumableDistributedSampler(DistributedSampler):

@@ -19,6 +19,9 @@ Optional CUDA path (`--gpu_decode` style): `JpegBytesFolder` returns the raw JPE
 (drawn as above), `collate_jpeg` batches them, and `decode_crop_resize(..., device="cuda")` decodes the batch with
 nvJPEG (`torchvision.io.decode_jpeg(list, device="cuda")`) and crop-resizes on the GPU. The loader then only reads
 files. The same function runs on the CPU, which is how the tests check its box and flip logic.
+
+Broken files: reading and decoding (never the crop, resize or flip) are guarded, so an unreadable, truncated or
+non-image file raises `util.datasets.UnreadableImageError`, the one error `RobustSeededDataset` replaces and counts.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from torchvision import datasets
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as F2
+
+from util.datasets import GuardedLoader, unreadable_as_error
 
 PRETRAIN_SCALE = (0.2, 1.0)  # MAE's RandomResizedCrop scale range (paper Appendix A follows MAE)
 PRETRAIN_RATIO = (3 / 4, 4 / 3)  # torchvision's default aspect-ratio range, as in MAE
@@ -182,7 +187,8 @@ class FastRandomResizedCrop:
         self.min_dct_scale = min_dct_scale
 
     def __call__(self, data: bytes) -> Tensor:
-        img = open_header(data)
+        with unreadable_as_error():
+            img = open_header(data)
         return self.apply(data, sample_crop(*img.size, self.scale, self.ratio, self.flip_p), img)
 
     def dct_scale(self, img: Image.Image, crop: CropParams) -> int:
@@ -196,13 +202,18 @@ class FastRandomResizedCrop:
         """The deterministic part: decode, crop-resize and flip with given parameters -> uint8 (3, H, W).
 
         data: the encoded file; img: its parsed header (`open_header(data)`), parsed here when None.
+        A file that cannot be decoded raises `UnreadableImageError`; errors of the crop-resize propagate as they are.
         """
-        img = open_header(data) if img is None else img
+        with unreadable_as_error():
+            img = open_header(data) if img is None else img
         scale = self.dct_scale(img, crop)
         if scale == 1:  # integer box: uint8 tensor crop-resize, about 3x faster than PIL's
-            out = resize_crop_uint8(decode_full(data, img), crop.top, crop.left, crop.height, crop.width, self.size)
+            with unreadable_as_error():
+                pixels = decode_full(data, img)
+            out = resize_crop_uint8(pixels, crop.top, crop.left, crop.height, crop.width, self.size)
         else:  # fractional box on the reduced grid: PIL's resize takes it exactly, on scale^2 fewer pixels
-            decoded = decode_reduced(img, crop, scale)
+            with unreadable_as_error():
+                decoded = decode_reduced(img, crop, scale)
             out = pil_to_uint8(decoded.image.resize(self.size[::-1], Image.Resampling.BICUBIC, box=decoded.box))
         return out.flip(-1) if crop.flip else out
 
@@ -228,10 +239,12 @@ def build_fast_pretrain_dataset(
     """ImageFolder over `data_path` (or `data_path/train`) with `FastRandomResizedCrop`.
 
     Items: (uint8 (3, input_size, input_size), label); a drop-in for `util.datasets.build_pretrain_dataset`.
+    A file that cannot be read or decoded raises `UnreadableImageError` (the path is in the message when reading
+    fails; `RobustSeededDataset` logs it in both cases).
     """
     return datasets.ImageFolder(
         str(_image_root(data_path)), transform=FastRandomResizedCrop(input_size, min_dct_scale=min_dct_scale),
-        loader=read_bytes,
+        loader=GuardedLoader(read_bytes),
     )
 
 
@@ -244,7 +257,8 @@ class JpegBytesFolder(datasets.ImageFolder):
     """ImageFolder whose items are (jpeg: uint8 (B,) raw file bytes, crop: int64 (5,) [top, left, h, w, flip], label).
 
     The crop and flip are drawn with `sample_crop` from the JPEG header, as `FastRandomResizedCrop` draws them.
-    Batch with `collate_jpeg`; decode with `decode_crop_resize` on the device.
+    Batch with `collate_jpeg`; decode with `decode_crop_resize` on the device. An unreadable file or one without an
+    image header raises `UnreadableImageError`; a file truncated after its header only fails in the batch decode.
     """
 
     def __init__(
@@ -259,8 +273,9 @@ class JpegBytesFolder(datasets.ImageFolder):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
         path, label = self.samples[index]
-        data = read_bytes(path)
-        width, height = open_header(data).size
+        with unreadable_as_error(path):
+            data = read_bytes(path)
+            width, height = open_header(data).size
         crop = sample_crop(width, height, self.scale, self.ratio, self.flip_p)
         jpeg = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         return jpeg, torch.tensor(crop, dtype=torch.int64), label
