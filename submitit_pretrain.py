@@ -4,24 +4,24 @@
         --model deepmim_vit_base_patch16 --batch_size 128 --norm_pix_loss --epochs 1600 --data_path /imagenet
 
 On preemption or time-out the job saves, requeues itself and resumes from the newest valid checkpoint in its
-job folder (`--resume auto`), with no change of flags.
+job folder (`--resume auto`), with no change of flags. The job asks for --ngpus GPUs per node (none with
+--device cpu); device and precision are chosen inside the job, on the compute node (util/amp.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 
 import main_pretrain
 from util import submit
 
-logger = logging.getLogger("submitit_pretrain")
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and validate on the submitting machine. Nothing here depends on that machine: --device and --amp stay
+    as given (None by default) and are resolved inside the job, on the compute node."""
     parser = argparse.ArgumentParser("Submitit for DeepMIM pre-training", parents=[main_pretrain.get_args_parser()])
     submit.add_launcher_args(parser)
-    args = main_pretrain.resolve_args(parser.parse_args(argv))
+    args = main_pretrain.resolve_args(parser.parse_args(argv), parser)
     try:
         submit.validate_launcher_args(args)
         main_pretrain.validate_args(args)
@@ -31,10 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None):
-    args = parse_args(argv)
-    job = submit.submit(main_pretrain.main, args, name="deepmim_pretrain")
-    print(f"Submitted job {job.job_id}; logs and checkpoints in {args.job_dir.replace('%j', str(job.job_id))}")
-    return job
+    """Submit pre-training (with --cluster debug: run it here); returns the submitit job."""
+    return submit.launch(main_pretrain.main, parse_args(argv), name="deepmim_pretrain")
 
 
 if __name__ == "__main__":

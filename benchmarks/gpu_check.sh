@@ -32,3 +32,19 @@ python benchmarks/bench_pretrain.py --device cuda --amp bf16 --batch_size "$BATC
 
 echo "== data: CPU pipeline per worker, and nvJPEG decode + crop-resize on the GPU"
 python benchmarks/bench_data.py --num_images 512 --repeats 2 --psnr_images 50 --gpu_decode
+
+echo "== machine: GPU, capability, kernels of this torch build, and util/amp.py's decisions (issue: cluster path)"
+python - <<'PY'
+import torch
+from util import amp
+cap = amp.cuda_capability("cuda")
+print("gpu", torch.cuda.get_device_name(0), "capability %d.%d" % cap, "torch", torch.__version__,
+      "cuda", torch.version.cuda, "arch_list", torch.cuda.get_arch_list())
+print("default_amp('cuda') =", amp.default_amp("cuda"), " autocast_dtype_for('cuda') =", amp.autocast_dtype_for("cuda"),
+      " is_bf16_supported() =", torch.cuda.is_bf16_supported())
+try:
+    amp.check_cuda_arch("cuda")
+    print("check_cuda_arch('cuda'): ok")
+except RuntimeError as err:
+    print("check_cuda_arch('cuda'): FAILS:", err)
+PY

@@ -50,13 +50,15 @@ def _env_int(*names: str) -> int | None:
 def init_distributed(device: str, dist_url: str = "env://") -> DistInfo:
     """Join the process group when launched by torchrun (RANK/WORLD_SIZE) or SLURM/submitit (SLURM_PROCID).
 
-    `dist_url` is MAE's flag: 'env://' reads MASTER_ADDR/PORT; a 'file://' or 'tcp://' URL works under SLURM.
+    `dist_url` is MAE's flag: 'env://' reads MASTER_ADDR/PORT (what torchrun and the submitit launchers export);
+    a 'tcp://' URL works under a bare srun.
     """
     rank = _env_int("RANK", "SLURM_PROCID")
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS")
     if rank is None or world is None or world == 1:
         return DistInfo()
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
+    _check_rendezvous(dist_url)
     use_cuda = device.startswith("cuda")
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -66,6 +68,15 @@ def init_distributed(device: str, dist_url: str = "env://") -> DistInfo:
     )
     logger.info("distributed init: rank %d/%d (%s, %s)", rank, world, backend, dist_url)
     return DistInfo(rank, world, local_rank, True)
+
+
+def _check_rendezvous(dist_url: str) -> None:
+    """'env://' needs MASTER_ADDR and MASTER_PORT (torchrun and the submitit launchers export them; a bare srun
+    does not): fail with the flag named rather than deep inside torch."""
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if dist_url == "env://" and missing:
+        raise ValueError(f"--dist_url env:// needs {' and '.join(missing)} in the environment; launch with torchrun "
+                         f"or the submitit_*.py launchers, or pass --dist_url tcp://HOST:PORT")
 
 
 def barrier() -> None:
@@ -83,5 +94,11 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
 
 
 def cleanup() -> None:
-    if is_dist():
+    """Destroy the process group if one is up. Idempotent and never raises, so it is safe in a `finally` (a
+    failure here must not hide the error that ended the run, nor keep a requeued job from exiting)."""
+    if not is_dist():
+        return
+    try:
         dist.destroy_process_group()
+    except Exception as err:  # noqa: BLE001 - best effort at exit; the exit reason matters more
+        logger.warning("could not destroy the process group: %s", err)

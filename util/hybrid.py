@@ -5,8 +5,9 @@ masking noise, hence the same mask), and decoder i learns t_i = a_i * x + (1 - a
 decoders get the generator's easier, blurrier reconstruction, the last one the real image. Paper default
 a = (0, 1/3, 2/3, 1) for blocks 6, 8, 10, 12 (Tab. 9, config 4); without a generator a = 1 everywhere.
 
-The generator costs one forward pass per step: no gradients, no optimizer state, bf16/fp16 autocast on CUDA. It is
-a plain object, never a submodule of the student, so it is absent from the student's checkpoint.
+The generator costs one forward pass per step: no gradients, no optimizer state, autocast on CUDA (bf16 where
+native, else fp16: `util.amp.autocast_dtype_for` through `frozen_autocast`). It is a
+plain object, never a submodule of the student, so it is absent from the student's checkpoint.
 """
 
 from __future__ import annotations

@@ -1,17 +1,29 @@
 """SLURM (or local) launch through submitit, shared by the submitit_*.py launchers.
 
+What is decided where:
+  * on the submitting (login) node, nothing machine-dependent: the job asks for --ngpus GPUs per node unless the
+    user passed --device cpu, and the submitted args keep --device / --amp as given (None by default);
+  * inside the job, on every task: submitit's `TorchDistributedEnvironment` exports MASTER_ADDR, MASTER_PORT, RANK,
+    WORLD_SIZE and LOCAL_RANK from the SLURM environment and the process group joins with --dist_url env:// (a
+    fresh rendezvous for every incarnation of the job, with no file shared between them); the entry script's
+    `main` resolves device and amp on the compute node (`util.amp.resolve_machine`); the process group is
+    destroyed however `main` ends.
+
 The job is checkpointable: on preemption or time-out, submitit calls `Job.checkpoint`, which requeues the same
-job with `--resume auto`, so the new job continues from the newest valid checkpoint in the job folder.
+job (with the args as submitted, not as resolved on the node) with `--resume auto`, so the new job continues from
+the newest valid checkpoint in the job folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
-import uuid
+import time
 from pathlib import Path
 from typing import Any, Callable
 
+from util import distributed
 from util.checkpoint import list_checkpoints
 
 CLUSTERS = ("slurm", "local", "debug")
@@ -25,7 +37,9 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--timeout", default=4320, type=int, help="job duration in minutes")
     group.add_argument("--job_dir", default="", type=str, help="job folder (logs, checkpoints); default ./jobs/%%j")
     group.add_argument("--partition", default="", type=str, help="SLURM partition")
-    group.add_argument("--use_volta32", action="store_true", help="request 32 GB V100s (constraint volta32gb)")
+    group.add_argument("--use_volta32", action="store_true",
+                       help="request 32 GB V100s (constraint volta32gb); sm_70 needs a torch build for CUDA 12.6 "
+                            "(CUDA 13 wheels have no V100 kernels)")
     group.add_argument("--comment", default="", type=str, help="SLURM comment")
     group.add_argument("--cluster", default=None, choices=CLUSTERS,
                        help="submitit backend (default: slurm when available, else local)")
@@ -33,6 +47,7 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> None:
 
 
 def validate_launcher_args(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the flag for launcher flags that cannot work."""
     for flag in ("ngpus", "nodes", "timeout"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -42,15 +57,20 @@ class Job:
     """A picklable callable that submitit runs on every task; `main` is the training entry point.
 
     auto_resume: `main` understands `--resume auto` (pre-training); otherwise a requeue points --resume at the
-    newest checkpoint file of the job folder.
+    newest checkpoint file of the job folder. `main` gets a copy of the submitted args, so what it resolves on the
+    node (device, amp, lr, ...) never leaks into the requeued job.
     """
 
     def __init__(self, main: Callable[[argparse.Namespace], Any], args: argparse.Namespace, auto_resume: bool = True):
         self.main, self.args, self.auto_resume = main, args, auto_resume
 
     def __call__(self) -> Any:
-        self._setup_distributed()
-        return self.main(self.args)
+        self._setup_job_folder()
+        export_rendezvous()
+        try:
+            return self.main(copy.deepcopy(self.args))
+        finally:
+            distributed.cleanup()  # every exit: return, error, or the SystemExit of a preemption / requeue
 
     def checkpoint(self) -> Any:
         """Called by submitit on preemption / time-out: requeue the same job, resuming automatically."""
@@ -64,30 +84,54 @@ class Job:
                 self.args.resume = str(newest[0])
         return submitit.helpers.DelayedSubmission(type(self)(self.main, self.args, self.auto_resume))
 
-    def _setup_distributed(self) -> None:
+    def _setup_job_folder(self) -> None:
         import submitit
 
         env = submitit.JobEnvironment()
         job_dir = Path(str(self.args.job_dir).replace("%j", str(env.job_id)))
         self.args.output_dir = self.args.log_dir = str(job_dir)
-        os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank))
 
 
-def shared_init_url(job_dir: Path) -> str:
-    """A file:// rendezvous in the job folder (readable by every node), unique per submission."""
-    job_dir.mkdir(parents=True, exist_ok=True)
-    init = job_dir / f"{uuid.uuid4().hex}_init"
-    return init.absolute().as_uri()
+def export_rendezvous() -> None:
+    """Inside a submitit job: export MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK (and LOCAL_WORLD_SIZE) for
+    `init_process_group('env://')`, from submitit's view of the SLURM (or local) job.
+
+    Overwrites what the job inherited (a job submitted from within another job must not reuse its rendezvous);
+    CUDA_VISIBLE_DEVICES is left alone: the entry scripts pick the GPU of their LOCAL_RANK."""
+    import submitit
+
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
+def requested_gpus(args: argparse.Namespace) -> int:
+    """GPUs per node to ask SLURM for: --ngpus, unless the user explicitly passed --device cpu. Never looks at the
+    submitting machine (a login node usually has no GPU)."""
+    return 0 if getattr(args, "device", None) == "cpu" else args.ngpus
+
+
+def detect_cluster(cluster: str | None) -> str:
+    """--cluster, or submitit's guess (slurm where sbatch exists, else local)."""
+    import submitit
+
+    return cluster or submitit.AutoExecutor.which()
+
+
+def job_folder(job_dir: str, cluster: str) -> str:
+    """--job_dir (default ./jobs/%j). Only SLURM expands %j in a folder name; elsewhere it is replaced at once by a
+    unique name, so no folder literally named '%j' is ever created."""
+    job_dir = job_dir or str(Path("jobs") / "%j")
+    if cluster != "slurm" and "%j" in job_dir:
+        job_dir = job_dir.replace("%j", f"{cluster}_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}")
+    return job_dir
 
 
 def submit(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace, name: str, auto_resume: bool = True):
     """Submit `main(args)` on `args.nodes` x `args.ngpus` tasks; returns the submitit job."""
     import submitit
 
-    if not args.job_dir:
-        args.job_dir = str(Path("jobs") / "%j")
-    folder = Path(args.job_dir)
-    executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster, slurm_max_num_timeout=args.max_requeues)
+    cluster = detect_cluster(args.cluster)
+    args.job_dir = job_folder(args.job_dir, cluster)
+    executor = submitit.AutoExecutor(folder=args.job_dir, cluster=cluster, slurm_max_num_timeout=args.max_requeues)
     extra: dict[str, Any] = {}
     if args.use_volta32:
         extra["slurm_constraint"] = "volta32gb"
@@ -96,19 +140,29 @@ def submit(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace, 
     if args.partition:
         extra["slurm_partition"] = args.partition
     executor.update_parameters(
-        name=name, mem_gb=40 * args.ngpus, gpus_per_node=args.ngpus if args.device.startswith("cuda") else 0,
-        tasks_per_node=args.ngpus, cpus_per_task=10, nodes=args.nodes, timeout_min=args.timeout,
-        slurm_signal_delay_s=120, **extra,
+        name=name, mem_gb=40 * args.ngpus, gpus_per_node=requested_gpus(args), tasks_per_node=args.ngpus,
+        cpus_per_task=10, nodes=args.nodes, timeout_min=args.timeout, slurm_signal_delay_s=120, **extra,
     )
-    args.dist_url = shared_init_url(Path(str(folder).replace("%j", "shared")))
+    args.dist_url = "env://"  # the job exports MASTER_ADDR/PORT etc. (export_rendezvous), fresh on every requeue
     if args.resume == "" and auto_resume:
         args.resume = "auto"  # a requeued or re-submitted job continues where its folder left off
     return executor.submit(Job(main, args, auto_resume))
 
 
+def launch(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace, name: str, auto_resume: bool = True):
+    """Submit and report where the job writes. With --cluster debug, run the job here and now (submitit's debug
+    executor only runs on `result()`)."""
+    job = submit(main, args, name=name, auto_resume=auto_resume)
+    print(f"Submitted job {job.job_id}; logs and checkpoints in {args.job_dir.replace('%j', str(job.job_id))}")
+    if args.cluster == "debug":
+        job.result()
+    return job
+
+
 def classification_launcher(module: Any, name: str, argv: list[str] | None = None):
     """Parse, validate and submit a fine-tuning / linear-probing job (`module` has get_args_parser, resolve_args,
-    main); a requeue resumes from the job folder's newest checkpoint."""
+    main); a requeue resumes from the job folder's newest checkpoint. Validation is machine-independent (device
+    and amp are resolved in the job)."""
     parser = argparse.ArgumentParser(f"Submitit for {name}", parents=[module.get_args_parser()])
     add_launcher_args(parser)
     args = parser.parse_args(argv)
@@ -117,6 +171,4 @@ def classification_launcher(module: Any, name: str, argv: list[str] | None = Non
         module.resolve_args(argparse.Namespace(**vars(args)))  # validation only; the job resolves again
     except ValueError as err:
         parser.error(str(err))
-    job = submit(module.main, args, name=name, auto_resume=False)
-    print(f"Submitted job {job.job_id}; logs and checkpoints in {args.job_dir.replace('%j', str(job.job_id))}")
-    return job
+    return launch(module.main, args, name=name, auto_resume=False)

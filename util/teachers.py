@@ -47,6 +47,7 @@ from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor
 
+from util.amp import autocast_dtype_for
 from util.checkpoint import load_checkpoint
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD
 
@@ -237,11 +238,12 @@ def load_teacher_weights(path: str | os.PathLike) -> dict[str, Tensor]:
 
 
 def frozen_autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
-    """Autocast for frozen forward passes: bf16 (fp16 where bf16 is unsupported) on CUDA, full precision elsewhere
-    (it also switches off any CPU autocast the caller runs under, keeping CPU targets exact)."""
+    """Autocast for frozen forward passes: bf16 on CUDA where native (compute capability >= 8.0), else fp16
+    (`util.amp.autocast_dtype_for`); full precision elsewhere (it also switches off any CPU autocast the caller
+    runs under, keeping CPU targets exact)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        return torch.autocast("cuda", dtype=autocast_dtype_for(device))
     return torch.autocast(device.type, enabled=False)
 
 
