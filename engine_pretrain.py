@@ -6,10 +6,9 @@ they are also checked for non-finite values (the step that first went bad is nam
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -18,47 +17,20 @@ from torch import Tensor, nn
 from util import lr_sched
 from util.datasets import normalize_on_device
 from util.misc import MetricLogger, SmoothedValue
+from util.training import (
+    NonFiniteGuard,
+    NonFiniteLossError,
+    accumulation_context,
+    autocast_context,
+    check_bad_images,
+)
+
+__all__ = ["NonFiniteLossError", "TargetsFn", "autocast_context", "train_one_epoch"]
 
 logger = logging.getLogger(__name__)
 
 # targets_fn(imgs, noise) -> None (pixel targets), (N, L, C), or {block: (N, L, C)}
 TargetsFn = Callable[[Tensor, Tensor], Any]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Raised when a loss is NaN or infinite; the message names the epoch, the step and every per-block loss."""
-
-
-class NonFiniteGuard:
-    """Keeps the losses of recent steps on the device and checks them all at once, without a per-step sync."""
-
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-        self.pending: list[tuple[int, Tensor, dict[int, Tensor]]] = []
-
-    def add(self, step: int, loss: Tensor, losses: Mapping[int, Tensor]) -> None:
-        self.pending.append((step, loss.detach(), {b: v.detach() for b, v in losses.items()}))
-
-    def check(self) -> None:
-        if not self.pending:
-            return
-        finite = torch.stack([torch.isfinite(loss) for _, loss, _ in self.pending]).cpu()
-        if not bool(finite.all()):
-            step, loss, losses = self.pending[int((~finite).nonzero()[0])]
-            per_block = ", ".join(f"block {b}: {v.item():.4g}" for b, v in losses.items())
-            raise NonFiniteLossError(
-                f"non-finite loss {loss.item()} at epoch {self.epoch}, step {step} ({per_block}); "
-                "stopping so the last saved checkpoint stays intact"
-            )
-        self.pending.clear()
-
-
-def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """bf16 / fp16 autocast on the device, or nothing for `amp == 'none'`."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def train_one_epoch(
@@ -83,7 +55,7 @@ def train_one_epoch(
     """
     model.train(True)
     raw_model = model.module if hasattr(model, "module") else model
-    metric_logger = MetricLogger()
+    metric_logger = MetricLogger(mean_over_ranks=True)  # logged losses: the mean over ranks
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     guard = NonFiniteGuard(epoch)
     steps = start_step + len(data_loader)  # type: ignore[arg-type]
@@ -94,9 +66,6 @@ def train_one_epoch(
     batches = metric_logger.log_every(data_loader, args.print_freq, f"Epoch: [{epoch}]")
     for step, (samples, _, bad) in enumerate(batches, start=start_step):
         bad_images += int(bad.sum())  # a host tensor from the loader: no device sync
-        if bad_images > args.max_bad_images:
-            raise RuntimeError(f"{bad_images} unreadable images in epoch {epoch} exceed --max_bad_images "
-                               f"{args.max_bad_images}; check --data_path")
         if step % accum_iter == 0:
             lr = lr_sched.adjust_learning_rate(
                 optimizer, step / steps + epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs
@@ -105,15 +74,14 @@ def train_one_epoch(
         noise = raw_model.make_noise(imgs.shape[0], device)  # one mask for every decoder and the generator
         # Teachers and the generator choose their own precision; HOG stays in float32.
         targets = targets_fn(imgs, noise) if targets_fn is not None else None
-        with autocast_context(device, args.amp):
-            loss, losses, _, _ = model(imgs, args.mask_ratio, noise=noise, targets=targets)
+        update = (step + 1) % accum_iter == 0
+        # DDP: no gradient all-reduce on accumulation steps (forward and backward inside no_sync).
+        with accumulation_context(model, sync=update):
+            with autocast_context(device, args.amp):
+                loss, losses, _, _ = model(imgs, args.mask_ratio, noise=noise, targets=targets)
+            scaler.scale(loss / accum_iter).backward()
 
         guard.add(step, loss, losses)
-        update = (step + 1) % accum_iter == 0
-        # DDP: skip the gradient all-reduce on accumulation steps (nanoGPT's no_sync habit).
-        sync_context = contextlib.nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync()
-        with sync_context:
-            scaler.scale(loss / accum_iter).backward()
         if update:
             scaler.step(optimizer)
             scaler.update()
@@ -123,7 +91,9 @@ def train_one_epoch(
 
         metric_logger.update(loss=loss.detach(), **{f"loss_b{b}": v.detach() for b, v in losses.items()}, lr=lr)
         if step % args.print_freq == 0 or step == steps - 1:
-            guard.check()
+            guard.check()  # collective: every rank stops together, within one logging interval
+            check_bad_images(bad_images, args.max_bad_images, epoch)
+            metric_logger.reduce_over_ranks()
             if log_writer is not None:
                 epoch_1000x = int((step / steps + epoch) * 1000)  # MAE's x-axis: aligns runs of any batch size
                 for name, meter in metric_logger.meters.items():
@@ -135,3 +105,4 @@ def train_one_epoch(
         raise NonFiniteLossError(f"non-finite epoch average at epoch {epoch}: {stats}")
     logger.info("Averaged stats: %s", metric_logger)
     return stats
+

@@ -20,21 +20,21 @@ from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
-import timm.layers
 import torch
 from timm.optim import param_groups_weight_decay
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 import models_deepmim
 from engine_pretrain import TargetsFn, train_one_epoch
 from util import checkpoint as ckpt
 from util import distributed, targets
+from util.amp import configure_backends, resolve_machine
 from util.datasets import (
     DemoPhotos,
     ResumableDistributedSampler,
     RobustSeededDataset,
     check_image_folder,
+    ignore_stop_signals,
     normalize_on_device,
 )
 from util.fast_data import build_fast_pretrain_dataset
@@ -42,6 +42,7 @@ from util.hybrid import HybridGenerator, blend_targets, check_hybrid_args
 from util.misc import append_json_log, make_log_writer, seed_everything, setup_logging
 from util.preemption import GracefulStop
 from util.targets import TARGETS, Target, check_target_args
+from util.training import UpdateHook, wrap_ddp
 from util.visualize import grid_tensor, reconstruction_panels, save_grid_png
 
 logger = logging.getLogger("main_pretrain")
@@ -75,6 +76,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--embed_dim", default=None, type=int, help="override the encoder width")
     model.add_argument("--depth", default=None, type=int, help="override the encoder depth")
     model.add_argument("--num_heads", default=None, type=int, help="override the encoder heads")
+    model.add_argument("--grad_ckpt", action="store_true",
+                       help="activation checkpointing of encoder and decoder blocks: same result, far less memory, "
+                            "~1/3 more compute (e.g. ViT-B DeepMIM at batch 128 on a 16 GB V100)")
 
     deepmim = parser.add_argument_group("DeepMIM")
     deepmim.add_argument("--supervised_blocks", default=None, type=int, nargs="+",
@@ -107,12 +111,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     system.add_argument("--data_path", default=None, type=str, help="ImageFolder root (or its parent with train/)")
     system.add_argument("--output_dir", default="./output_dir", type=str, help="checkpoints and log.txt")
     system.add_argument("--log_dir", default=None, type=str, help="TensorBoard folder (default: output_dir)")
-    system.add_argument("--device", default=None, type=str, help="cuda or cpu (default: cuda when available)")
+    system.add_argument("--device", default=None, type=str,
+                        help="cuda or cpu (default: cuda when available; decided in the job, on the compute node)")
     system.add_argument("--amp", default=None, choices=AMP_CHOICES,
-                        help="autocast dtype (default: bf16 where supported, fp16 on older GPUs, none on CPU)")
+                        help="autocast dtype (default: bf16 on GPUs with native bf16, compute capability >= 8.0; "
+                             "fp16 + grad scaler on older GPUs such as V100; none on CPU)")
     system.add_argument("--seed", default=0, type=int)
     system.add_argument("--resume", default="", type=str,
                         help="checkpoint to resume from, or 'auto': the newest loadable one in --output_dir")
+    system.add_argument("--resume_allow_changes", default=None, type=str, metavar="FLAG[,FLAG...]",
+                        help="flags allowed to differ from the resumed checkpoint's run (e.g. epochs,blr); any "
+                             "other result-changing difference stops the run")
     system.add_argument("--start_epoch", default=0, type=int, help="first epoch (overridden by --resume)")
     system.add_argument("--num_workers", default=10, type=int, help="data-loading processes per GPU")
     system.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True, help="pin host memory")
@@ -133,31 +142,25 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill machine-dependent defaults (--demo settings, device, amp, blocks) in place."""
+def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Fill defaults that do not depend on the machine, in place: --demo settings (only for flags left at their
+    defaults, so `--demo --epochs 3` runs 3 epochs) and --log_dir. Device and amp are resolved by `main`, inside
+    the job, on the machine that trains (`util.amp.resolve_machine`)."""
     if args.demo:
+        parser = parser or get_args_parser()
         for key, value in DEMO_SETTINGS.items():
-            setattr(args, key, value)
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
         if args.output_dir == "./output_dir":
             args.output_dir = DEMO_OUTPUT_DIR
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.amp is None:
-        args.amp = default_amp(args.device)
     if args.log_dir is None:
         args.log_dir = args.output_dir
     return args
 
 
-def default_amp(device: str) -> str:
-    """bf16 on GPUs that have it, fp16 (with a grad scaler) on older GPUs such as the paper's V100s, none on CPU."""
-    if not device.startswith("cuda"):
-        return "none"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
 def validate_args(args: argparse.Namespace) -> None:
-    """Raise ValueError naming the flag for any argument that cannot work. Runs before any model or data."""
+    """Raise ValueError naming the flag for any argument that cannot work. Runs before any model or data, and on
+    a login node before submission: nothing here depends on the machine (device and amp may still be None)."""
     if args.model not in models_deepmim.MODELS:
         raise ValueError(f"--model {args.model!r} is unknown; choose from {', '.join(sorted(models_deepmim.MODELS))}")
     for flag in ("batch_size", "epochs", "accum_iter", "input_size", "save_freq", "print_freq"):
@@ -180,10 +183,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--warmup_epochs, --weight_decay and --min_lr must be >= 0")
     if not 0 <= args.start_epoch < args.epochs:
         raise ValueError(f"--start_epoch must be in [0, --epochs={args.epochs}), got {args.start_epoch}")
-    if args.amp not in AMP_CHOICES:
+    if args.amp is not None and args.amp not in AMP_CHOICES:
         raise ValueError(f"--amp must be one of {AMP_CHOICES}, got {args.amp!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
     if args.save_every_iters < 0 or (args.max_bad_images is not None and args.max_bad_images < 0):
         raise ValueError("--save_every_iters and --max_bad_images must be >= 0")
     if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
@@ -244,6 +245,7 @@ def build_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
     return DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
         pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=True,
+        worker_init_fn=ignore_stop_signals,  # SLURM signals loader workers too: only the main process reacts
         generator=torch.Generator().manual_seed(args.seed),  # leaves the global RNG (masking noise) alone
     )
 
@@ -300,21 +302,21 @@ def main(args: argparse.Namespace) -> RunResult:
     """Pre-train; returns the trained model and the last epoch's averaged stats."""
     resolve_args(args)
     validate_args(args)
+    resolve_machine(args)  # device and amp of this machine (in a SLURM job: the compute node)
     dist_info = distributed.init_distributed(args.device, args.dist_url)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     setup_logging(args.output_dir)
     seed_everything(args.seed + dist_info.rank)
     device = torch.device(args.device, dist_info.local_rank) if args.device == "cuda" else torch.device(args.device)
 
-    # Attention path, chosen per device in one place: fused SDPA (flash) on CUDA; explicit matmuls on the CPU, where
-    # the fused backward took 23 % of a ViT-B DeepMIM step for 4 % of its FLOPs (benchmarks/RESULTS.md).
-    timm.layers.set_fused_attn(device.type == "cuda")
+    configure_backends(device)  # attention kernels, TF32, cuDNN: chosen per device in one place
     dataset = build_dataset(args)
     loader = build_loader(dataset, args)
     if args.max_bad_images is None:
         args.max_bad_images = max(1, len(loader.sampler) // 100)  # 1 % of this rank's epoch
     target = build_target(args, device)
     model = build_model(args, target.pred_dim, target.loss_type).to(device)
+    model.set_grad_checkpointing(args.grad_ckpt)
     eff_batch = args.batch_size * args.accum_iter * dist_info.world_size
     if args.lr is None:
         args.lr = args.blr * eff_batch / 256  # MAE / paper Appendix A: lr = base_lr * batch / 256
@@ -324,16 +326,13 @@ def main(args: argparse.Namespace) -> RunResult:
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     start_step = ckpt.resume_training(model, optimizer, scaler, args) if args.resume else 0
     targets_fn = build_targets_fn(args, target, model, device)
-    train_model = model
-    if dist_info.distributed:
-        device_ids = [dist_info.local_rank] if device.type == "cuda" else None
-        train_model = DistributedDataParallel(model, device_ids=device_ids, static_graph=True)
+    train_model = wrap_ddp(model, device)
     ckpt.write_run_info(args)
 
     stopper = GracefulStop().install()
     log_writer = make_log_writer(args.log_dir)
     save = partial(_save, model, optimizer, scaler, args)
-    on_update = partial(_after_update, save, stopper, args)
+    on_update = UpdateHook(save, stopper, args.accum_iter, args.save_every_iters, args.print_freq)
     stats: dict[str, float] = {}
     start = time.time()
     for epoch in range(args.start_epoch, args.epochs):
@@ -378,24 +377,10 @@ def _save(model, optimizer, scaler, args: argparse.Namespace, epoch: int, step: 
     ckpt.save_training_checkpoint(state, args.output_dir, args.save_freq, args.epochs)
 
 
-def _after_update(save, stopper: GracefulStop, args: argparse.Namespace, epoch: int, step: int, ensure_finite) -> None:
-    """Mid-epoch: refresh checkpoint-last.pth every --save_every_iters updates; on a stop signal save and exit."""
-    updates = step // args.accum_iter
-    periodic = args.save_every_iters > 0 and updates % args.save_every_iters == 0
-    # A stop check is a collective when distributed: do it at logging steps only, where we read losses anyway.
-    check_stop = not distributed.is_dist() or updates % args.print_freq == 0
-    stop = check_stop and stopper.stop_requested()
-    if periodic or stop:
-        ensure_finite()  # never checkpoint weights that a non-finite loss has reached
-        save(epoch, step)
-    if stop:
-        stopper.finish()
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate; bad arguments exit with status 2 and a message naming the flag."""
     parser = argparse.ArgumentParser("DeepMIM pre-training", parents=[get_args_parser()])
-    args = resolve_args(parser.parse_args(argv))
+    args = resolve_args(parser.parse_args(argv), parser)
     try:
         validate_args(args)
     except ValueError as err:

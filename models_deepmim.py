@@ -20,6 +20,7 @@ from typing import Callable, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
@@ -89,6 +90,14 @@ def default_supervised_blocks(depth: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, round(depth * f)) for f in (1 / 2, 2 / 3, 5 / 6, 1)}))
 
 
+def run_block(block: nn.Module, x: Tensor, grad_checkpointing: bool) -> Tensor:
+    """One Transformer block; with `grad_checkpointing` (and gradients on) its activations are recomputed in the
+    backward instead of kept (torch's non-reentrant checkpoint: same result, less memory, ~1/3 more compute)."""
+    if grad_checkpointing and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+    return block(x)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The decoder (one class, instantiated once per supervised block)
 # --------------------------------------------------------------------------------------------------------------
@@ -121,6 +130,7 @@ class Decoder(nn.Module):
         self.pred = nn.Linear(decoder_embed_dim, pred_dim)
         self.pos_embed.data.copy_(sincos_pos_embed(grid_size, decoder_embed_dim))
         nn.init.normal_(self.mask_token, std=0.02)
+        self.grad_checkpointing = False
 
     def forward(self, latent: Tensor, ids_restore: Tensor, ids_predict: Tensor | None = None) -> Tensor:
         """latent: (N, 1 + L_vis, D) encoder tokens, cls first; ids_restore: (N, L).
@@ -134,7 +144,7 @@ class Decoder(nn.Module):
         patches = gather_tokens(torch.cat([x[:, 1:], mask_tokens], dim=1), ids_restore)
         x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed
         for blk in self.blocks:
-            x = blk(x)
+            x = run_block(blk, x, self.grad_checkpointing)
         x = self.norm(x)[:, 1:]
         if ids_predict is not None:
             x = gather_tokens(x, ids_predict)
@@ -210,7 +220,15 @@ class MaskedAutoencoderDeepMIM(nn.Module):
         )
         keys = [SHARED_KEY] if shared_decoder else [str(b) for b in self.supervised_blocks]
         self.decoders = nn.ModuleDict({k: make_decoder() for k in keys})
+        self.grad_checkpointing = False
         self._init_weights()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute encoder and decoder block activations in the backward (`--grad_ckpt`): same gradients, a
+        fraction of the activation memory (timm's method name)."""
+        self.grad_checkpointing = enable
+        for decoder in self.decoders.values():
+            decoder.grad_checkpointing = enable
 
     # -- initialisation (MAE's) --------------------------------------------------------------------------------
     def _init_weights(self) -> None:
@@ -252,15 +270,18 @@ class MaskedAutoencoderDeepMIM(nn.Module):
         x = torch.cat([cls, x], dim=1)
         latents = {}
         for index, blk in enumerate(self.blocks, start=1):
-            x = blk(x)
+            x = run_block(blk, x, self.grad_checkpointing)
             if index in self.supervised_blocks:
                 latents[index] = self.norm(x) if index == self.depth else x
         return latents, masking
 
     def pixel_targets(self, imgs: Tensor) -> Tensor:
-        """Pixel targets (N, L, p*p*3), per-patch normalised with `norm_pix_loss` (MAE)."""
-        target = patchify(imgs, self.patch_size)
-        return normalize_patches(target) if self.norm_pix_loss else target
+        """Pixel targets (N, L, p*p*3) in float32 whatever autocast region the caller is in, per-patch normalised
+        with `norm_pix_loss` (MAE): the per-patch mean and variance in bf16 would be off by ~0.4 % (median) to ~4 %
+        (p99) of the normalised target."""
+        with torch.autocast(imgs.device.type, enabled=False):
+            target = patchify(imgs.float(), self.patch_size)
+            return normalize_patches(target) if self.norm_pix_loss else target
 
     def forward(
         self,

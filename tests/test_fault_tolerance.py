@@ -49,13 +49,13 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 KILL_DRIVER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import main_pretrain, util.checkpoint as ckpt
+import main_pretrain, util.checkpoint as ckpt, util.training as training
 kill_epoch, kill_step, mode = {epoch}, {step}, {mode!r}
-original_after_update, original_save = main_pretrain._after_update, ckpt.torch.save
+original_after_update, original_save = training.UpdateHook.__call__, ckpt.torch.save
 saves = []
 
-def after_update(save, stopper, args, epoch, step, ensure_finite):
-    original_after_update(save, stopper, args, epoch, step, ensure_finite)
+def after_update(self, epoch, step, ensure_finite):
+    original_after_update(self, epoch, step, ensure_finite)
     if mode == "step" and (epoch, step) == (kill_epoch, kill_step):
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -67,7 +67,7 @@ def save_then_die(obj, f, *a, **k):
         os.kill(os.getpid(), signal.SIGKILL)
     original_save(obj, f, *a, **k)
 
-main_pretrain._after_update = after_update
+training.UpdateHook.__call__ = after_update
 ckpt.torch.save = save_then_die
 main_pretrain.main(main_pretrain.parse_args(sys.argv[1:]))
 """
@@ -129,6 +129,23 @@ def test_two_rank_sigkill_and_resume_is_bit_identical(tmp_path):
     assert_same_weights(final_weights(straight), final_weights(killed))
 
 
+def test_mid_epoch_checkpoint_of_two_ranks_refuses_to_resume_on_one(tmp_path):
+    """`iter` counts per-rank steps: continuing it with another world size would skip the wrong samples."""
+    data = write_image_folder(tmp_path / "images", num_images=16)  # 2 ranks x batch 2 -> 4 steps per epoch
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    out = tmp_path / "killed"
+    flags = run_flags(data, out, "--save_every_iters", "1")
+    proc = subprocess.run([*torchrun, str(write_driver(tmp_path, 0, 2, "step")), *flags], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert load_checkpoint(out / "checkpoint-last.pth")["iter"] == 2
+    before = (out / "checkpoint-last.pth").read_bytes()
+    with pytest.raises(ValueError, match="world size") as err:
+        main_pretrain.main(main_pretrain.parse_args([*flags, "--resume", "auto"]))
+    assert "2" in str(err.value) and "1" in str(err.value)
+    assert (out / "checkpoint-last.pth").read_bytes() == before  # nothing was overwritten
+
+
 def wait_for(predicate, timeout: float = 120.0) -> None:
     deadline = time.time() + timeout
     while not predicate():
@@ -143,13 +160,17 @@ def _has_checkpoint(out: Path) -> bool:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_stop_signal_saves_and_exits_cleanly(tmp_path, sig):
+    """SLURM signals every process of the job step, loader workers included: signal the whole process group."""
     data = write_image_folder(tmp_path / "images", num_images=12)
     out = tmp_path / "run"
-    cmd = [sys.executable, "main_pretrain.py", *run_flags(data, out, "--epochs", "400")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [sys.executable, "main_pretrain.py", *run_flags(data, out, "--epochs", "400", "--num_workers", "2")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     wait_for(lambda: _has_checkpoint(out))
     before = load_checkpoint(out / "checkpoint-last.pth")
-    proc.send_signal(sig)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    wait_for(lambda: len(children.read_text().split()) == 2)  # the loader's workers are alive: they get it too
+    os.killpg(proc.pid, sig)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output[-2000:]
     after = load_checkpoint(out / "checkpoint-last.pth")

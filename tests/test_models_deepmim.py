@@ -253,3 +253,36 @@ def test_norm_pix_targets():
     t = model.pixel_targets(torch.randn(2, 3, 32, 32))
     torch.testing.assert_close(t.mean(-1), torch.zeros(2, 16), atol=1e-5, rtol=0)
     torch.testing.assert_close(t.var(-1), torch.ones(2, 16), atol=1e-3, rtol=0)
+
+
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(tiny_deepmim):
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+
+    def loss_and_grads():
+        tiny_deepmim.zero_grad()
+        saved = []  # elements of every tensor autograd keeps for the backward
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = tiny_deepmim(imgs, 0.75, noise=noise)[0]
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in tiny_deepmim.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, sum(saved)
+
+    plain_loss, plain, plain_saved = loss_and_grads()
+    tiny_deepmim.set_grad_checkpointing(True)
+    ckpt_loss, ckpt, ckpt_saved = loss_and_grads()
+    assert ckpt_saved < plain_saved / 3  # block activations are recomputed, not kept
+    assert torch.equal(plain_loss, ckpt_loss) and plain.keys() == ckpt.keys()
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=0, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_pixel_targets_are_float32_under_autocast(norm_pix):
+    model = M.create_model("deepmim_vit_small_patch16", **TINY, norm_pix_loss=norm_pix)
+    imgs = torch.randn(2, 3, 32, 32) * 3 + 1
+    reference = model.pixel_targets(imgs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        targets = model.pixel_targets(imgs)
+        half = model.pixel_targets(imgs.bfloat16())  # even a bf16 image gives float32 statistics
+    assert targets.dtype == torch.float32 and torch.equal(targets, reference)
+    assert half.dtype == torch.float32

@@ -59,8 +59,11 @@ class SmoothedValue:
         if not self.pending:
             return
         values = [v for v, _ in self.pending]
-        if any(torch.is_tensor(v) for v in values):
-            values = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values]).float().cpu().tolist()
+        tensors = [i for i, v in enumerate(values) if torch.is_tensor(v)]
+        if tensors:  # one device-to-host copy for all pending tensors
+            host = torch.stack([values[i].float().reshape(()) for i in tensors]).cpu().tolist()
+            for i, value in zip(tensors, host):
+                values[i] = value
         for value, (_, n) in zip(values, self.pending):
             self.window.append(float(value))
             self.total += float(value) * n
@@ -89,9 +92,14 @@ class SmoothedValue:
 class MetricLogger:
     """Collects named meters and prints MAE-style progress lines every `print_freq` steps."""
 
-    def __init__(self, delimiter: str = "  "):
+    def __init__(self, delimiter: str = "  ", mean_over_ranks: bool = False):
+        """mean_over_ranks: before each progress line (every `print_freq` steps and at the end), replace the values
+        logged since the previous line by their mean over ranks, so printed and returned numbers describe the whole
+        run rather than rank 0's shard. A collective: every rank must iterate `log_every` in step (training loops,
+        not sharded evaluation)."""
         self.meters: defaultdict[str, SmoothedValue] = defaultdict(SmoothedValue)
         self.delimiter = delimiter
+        self.mean_over_ranks = mean_over_ranks
 
     def update(self, **values: Any) -> None:
         for name, value in values.items():
@@ -99,6 +107,22 @@ class MetricLogger:
 
     def add_meter(self, name: str, meter: SmoothedValue) -> None:
         self.meters[name] = meter
+
+    def reduce_over_ranks(self) -> None:
+        """Replace every meter's pending tensor values by their mean over ranks (one all-reduce for all meters, then
+        host floats, so a second call reduces nothing). Call it on every rank at the same steps, before any rank
+        reads a meter."""
+        if not distributed.is_dist():
+            return
+        slots = [(meter, i) for _, meter in sorted(self.meters.items()) for i, (value, _) in enumerate(meter.pending)
+                 if torch.is_tensor(value)]
+        if not slots:
+            return
+        values = torch.stack([meter.pending[i][0].float().reshape(()) for meter, i in slots])
+        torch.distributed.all_reduce(values)
+        values /= distributed.get_world_size()
+        for (meter, i), value in zip(slots, values.tolist()):
+            meter.pending[i] = (value, meter.pending[i][1])
 
     def averages(self) -> dict[str, float]:
         return {name: meter.global_avg for name, meter in self.meters.items()}
@@ -116,6 +140,8 @@ class MetricLogger:
             yield obj
             iter_time.update(time.time() - end)
             if i % print_freq == 0 or i == total - 1:
+                if self.mean_over_ranks:
+                    self.reduce_over_ranks()
                 eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
                 logger.info(
                     "%s [%*d/%d]  eta: %s  %s  time: %.4f  data: %.4f",
