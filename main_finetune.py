@@ -11,6 +11,12 @@ RandAugment, label smoothing 0.1, Mixup 0.8, CutMix 1.0, warm-up 5):
 Layer studies (paper Figs. 7, 8): `--trainable_blocks K` trains only the last K blocks and the head;
 `--reinit_blocks K` re-initialises the last K blocks before end-to-end fine-tuning.
 Demo on CPU (after `python main_pretrain.py --demo`): `python main_finetune.py --demo`.
+
+Cluster runs (shared with main_linprobe.py): `--save_every_iters N` refreshes checkpoint-last.pth every N updates;
+SIGTERM / SIGUSR1 / SIGUSR2 save and exit cleanly; `--resume auto` continues exactly (weights, optimizer, scaler,
+schedule, sampler position, every rank's RNG) from the newest loadable checkpoint in --output_dir, refusing one
+written with other result-changing flags unless they are named in `--resume_allow_changes`. Device and precision
+are decided inside the job (`util.amp.resolve_machine`), never at submission.
 """
 
 from __future__ import annotations
@@ -29,14 +35,18 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 
 import models_vit
 from engine_finetune import evaluate, real_samples_on_rank, train_one_epoch
+from util import checkpoint as ckpt
 from util import distributed
-from util.checkpoint import git_sha, load_checkpoint, plain_args, save_atomic
+from util.amp import AMP_CHOICES, configure_backends, resolve_machine
 from util.cls_data import DigitsDemo, build_image_folder, check_classification_folders, finetune_transform
-from util.misc import append_json_log, seed_everything, setup_logging
+from util.datasets import ResumableDistributedSampler, RobustSeededDataset, ignore_stop_signals
+from util.misc import append_json_log, make_log_writer, seed_everything, setup_logging
+from util.preemption import GracefulStop
+from util.training import UpdateHook, wrap_ddp
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +60,6 @@ DEMO_OVERRIDES: dict[str, Any] = dict(
     nb_classes=10, epochs=7, batch_size=64, blr=1.6e-2, warmup_epochs=1, no_aug=True, num_workers=0,
     print_freq=10, save_freq=100,
 )
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -129,17 +135,29 @@ def add_common_args(parser: argparse.ArgumentParser, nb_classes: int) -> None:
     g.add_argument("--output_dir", default="./output_dir", help="checkpoints and log.txt")
     g.add_argument("--log_dir", default="./output_dir", help="TensorBoard logs (rank 0)")
     g.add_argument("--save_freq", default=20, type=int, help="keep checkpoint-<epoch>.pth every N epochs")
+    g.add_argument("--save_every_iters", default=0, type=int,
+                   help="also refresh checkpoint-last.pth every N optimizer updates (0: only at epoch ends)")
+    g.add_argument("--max_bad_images", default=None, type=int,
+                   help="unreadable training images tolerated per epoch and rank (default: 1%% of the epoch)")
     g.add_argument("--num_workers", default=10, type=int)
     g.add_argument("--pin_mem", action="store_true", help="pin loader memory (default)")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     parser.set_defaults(pin_mem=True)
 
     g = parser.add_argument_group("Run")
-    g.add_argument("--device", default=default_device(), help="cuda or cpu")
-    g.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"),
-                   help="autocast dtype; default bf16 where supported, fp16 + GradScaler on older GPUs, none on CPU")
+    g.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available; decided in the job, on the machine that "
+                        "trains)")
+    g.add_argument("--amp", default=None, choices=AMP_CHOICES,
+                   help="autocast dtype (default: bf16 on GPUs with native bf16, fp16 + GradScaler on older GPUs, "
+                        "none on CPU)")
     g.add_argument("--seed", default=0, type=int)
-    g.add_argument("--resume", default="", help="resume from a checkpoint of this script")
+    g.add_argument("--resume", default="",
+                   help="checkpoint of this script to continue (or to --eval), or 'auto': the newest loadable one in "
+                        "--output_dir (none: start from --finetune)")
+    g.add_argument("--resume_allow_changes", default=None, type=str, metavar="FLAG[,FLAG...]",
+                   help="flags allowed to differ from the resumed checkpoint's run (e.g. epochs,layer_decay); any "
+                        "other result-changing difference stops the run")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="set from --resume")
     g.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint (top-1/top-5)")
     g.add_argument("--dist_eval", action="store_true", help="shard evaluation over ranks (exact, padding skipped)")
@@ -177,37 +195,24 @@ def check_range(args: argparse.Namespace, name: str, low: float, high: float, lo
         raise ValueError(f"--{name} must be in {interval}, got {value}")
 
 
-def resolve_amp(amp: str | None, device: str) -> str:
-    """--amp default: bf16 where the device supports it, fp16 (+ GradScaler) on CUDA without bf16, none on CPU."""
-    cuda = device.startswith("cuda")
-    if amp is None:
-        if not cuda:
-            return "none"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if amp == "fp16" and not cuda:
-        raise ValueError(f"--amp fp16 needs a CUDA --device (got {device}); use --amp bf16 or none")
-    return amp
-
-
 def check_common_args(args: argparse.Namespace) -> None:
-    """Checks shared with main_linprobe.py: numbers, device, files and data folders."""
+    """Checks shared with main_linprobe.py: numbers, files and data folders. Machine-independent (it also runs on
+    a login node before submission): device and amp are checked by `util.amp.resolve_machine` inside the job."""
     for name in ("epochs", "batch_size", "accum_iter", "print_freq", "save_freq", "nb_classes"):
         check_range(args, name, 1, math.inf)
-    check_range(args, "num_workers", 0, math.inf)
+    for name in ("num_workers", "save_every_iters", "max_bad_images"):
+        check_range(args, name, 0, math.inf)
     check_range(args, "warmup_epochs", 0, args.epochs)
     check_range(args, "weight_decay", 0, math.inf)
     check_range(args, "blr", 0, math.inf, low_open=True)
     check_range(args, "lr", 0, math.inf, low_open=True)
     check_range(args, "min_lr", 0, math.inf)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device} but CUDA is not available; use --device cpu")
-    if not (args.device == "cpu" or args.device.startswith("cuda")):
-        raise ValueError(f"--device must be cpu or cuda[:N], got {args.device}")
-    args.amp = resolve_amp(args.amp, args.device)
     for flag in ("finetune", "resume"):
         path = getattr(args, flag)
-        if path and not Path(path).is_file():
+        if path and path != "auto" and not Path(path).is_file():
             raise ValueError(f"--{flag} {path}: no such file")
+    if args.resume == "auto" and not args.output_dir:
+        raise ValueError("--resume auto looks for checkpoints in --output_dir: give one")
     if args.eval and not args.resume:
         raise ValueError("--eval evaluates a checkpoint of this script: give it with --resume")
     if not args.demo:
@@ -272,9 +277,18 @@ def resolve_architecture(args: argparse.Namespace, checkpoint: Mapping[str, Any]
 
 
 def load_source_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The checkpoint that defines the model: --resume if given, else --finetune, else None (from scratch)."""
-    path = args.resume or args.finetune
-    return load_checkpoint(path) if path else None
+    """The checkpoint that defines the model: --resume if given, else --finetune, else None (from scratch).
+
+    `--resume auto` becomes the path of the newest loadable checkpoint in --output_dir, or "" (a fresh run from
+    --finetune) when there is none yet.
+    """
+    if args.resume:
+        path, state = ckpt.load_resume_state(args)
+        if state is not None:
+            args.resume = str(path)
+            return state
+        args.resume = ""  # 'auto' found nothing to resume: a fresh run
+    return ckpt.load_checkpoint(args.finetune) if args.finetune else None
 
 
 def resolve_args(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -301,8 +315,11 @@ def resolve_lr(args: argparse.Namespace, world_size: int) -> float:
 
 def build_datasets(
     args: argparse.Namespace, train_transform: Callable, val_transform: Callable
-) -> tuple[Dataset, Dataset]:
-    """ImageFolder train/val under --data_path, or the digits demo; checks the classes against --nb_classes."""
+) -> tuple[RobustSeededDataset, Dataset]:
+    """ImageFolder train/val under --data_path, or the digits demo; checks the classes against --nb_classes.
+
+    The training set draws each sample's augmentation from (--seed, epoch, index), so a resumed run (any worker
+    count) sees the same images, and replaces unreadable images (counted, see --max_bad_images)."""
     if args.demo:
         train = DigitsDemo("train", args.input_size, train_transform)
         val = DigitsDemo("val", args.input_size, val_transform)
@@ -316,26 +333,31 @@ def build_datasets(
     if not args.eval and len(train) < args.batch_size * distributed.get_world_size():
         raise ValueError(f"--batch_size {args.batch_size} x {distributed.get_world_size()} ranks exceeds the "
                          f"{len(train)} training images (the last incomplete batch is dropped)")
-    return train, val
+    return RobustSeededDataset(train, args.seed), val
 
 
 def build_loaders(args: argparse.Namespace, train: Dataset, val: Dataset) -> tuple[DataLoader, DataLoader, int | None]:
-    """Loaders (train: shuffled, incomplete batch dropped; val: in order) and this rank's real val count."""
+    """Loaders (train: shuffled per (--seed, epoch), can start mid-epoch, incomplete batch dropped; val: in order)
+    and this rank's real val count. Also fills --max_bad_images (default 1 % of this rank's epoch)."""
     world, rank = distributed.get_world_size(), distributed.get_rank()
-    if world > 1:
-        train_sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-    else:
-        train_sampler = RandomSampler(train)
+    train_sampler = ResumableDistributedSampler(train, args.batch_size, num_replicas=world, rank=rank, shuffle=True,
+                                                seed=args.seed, drop_last=True)
+    if args.max_bad_images is None:
+        args.max_bad_images = max(1, len(train_sampler) // 100)
     num_real = None
     if args.dist_eval and world > 1:
         val_sampler = DistributedSampler(val, num_replicas=world, rank=rank, shuffle=False)
         num_real = real_samples_on_rank(val_sampler)
     else:
         val_sampler = SequentialSampler(val)
+    # Workers ignore stop signals (the main process saves, then shuts them down); no persistent workers, so each
+    # epoch's workers see the dataset's new epoch. Own generators leave the global RNG to the model.
     common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.startswith("cuda"),
-                  persistent_workers=args.num_workers > 0)
-    train_loader = DataLoader(train, sampler=train_sampler, batch_size=args.batch_size, drop_last=True, **common)
-    val_loader = DataLoader(val, sampler=val_sampler, batch_size=args.batch_size, drop_last=False, **common)
+                  worker_init_fn=ignore_stop_signals)
+    train_loader = DataLoader(train, sampler=train_sampler, batch_size=args.batch_size, drop_last=True,
+                              generator=torch.Generator().manual_seed(args.seed), **common)
+    val_loader = DataLoader(val, sampler=val_sampler, batch_size=args.batch_size, drop_last=False,
+                            generator=torch.Generator().manual_seed(args.seed), **common)
     return train_loader, val_loader, num_real
 
 
@@ -370,7 +392,8 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
         model, weight_decay=args.weight_decay, no_weight_decay_list=model.no_weight_decay(),
         layer_decay=args.layer_decay,
     )
-    return torch.optim.AdamW(groups, lr=args.lr)
+    # Fused, as pre-training: with an fp16 GradScaler the non-fused step reads the scale on the host every update.
+    return torch.optim.AdamW(groups, lr=args.lr, fused=True)
 
 
 def mixup_active(args: argparse.Namespace) -> bool:
@@ -401,139 +424,153 @@ def build_criterion(args: argparse.Namespace) -> nn.Module:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(path: Path, model: nn.Module, model_cfg: Mapping[str, Any], optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, epoch: int, args: argparse.Namespace, best_acc: float) -> None:
-    save_atomic({
-        "model": model.state_dict(), "model_cfg": dict(model_cfg), "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(), "epoch": epoch, "args": plain_args(args), "git_sha": git_sha(),
-        "best_acc": best_acc,
-    }, path)
-
-
-def restore_checkpoint(checkpoint: Mapping[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                       scaler: torch.amp.GradScaler | None, args: argparse.Namespace) -> float:
-    """Load a checkpoint of this script (model, and optimizer/scaler/epoch unless --eval); returns its best_acc."""
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except (KeyError, RuntimeError) as err:
-        raise ValueError(f"--resume {args.resume} is not a checkpoint of this script (pre-trained encoders go to "
-                         f"--finetune): {str(err).splitlines()[0]}") from err
-    if not args.eval and optimizer is not None and "optimizer" in checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        args.start_epoch = checkpoint["epoch"] + 1
-    logger.info("resumed from %s (epoch %s)", args.resume, checkpoint.get("epoch"))
-    return float(checkpoint.get("best_acc", 0.0))
-
-
-def write_run_config(args: argparse.Namespace) -> None:
-    """The resolved flags and git SHA beside the checkpoints (rank 0)."""
-    if args.output_dir and distributed.is_main_process():
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        with open(Path(args.output_dir) / "args.json", "w") as f:
-            json.dump({"args": plain_args(args), "git_sha": git_sha()}, f, indent=1)
-
-
-def make_log_writer(args: argparse.Namespace) -> Any:
-    if not (args.log_dir and distributed.is_main_process()):
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=args.log_dir)
-
-
 class Run:
-    """Everything one fine-tuning or linear-probing run needs in its epoch loop."""
+    """One fine-tuning or linear-probing run (shared with main_linprobe.py): resume, epoch loop with evaluation,
+    checkpoints, mid-epoch saves and graceful stops.
+
+    Checkpoints (util.checkpoint's training state plus "best_acc"): checkpoint-last.pth (every epoch end and every
+    --save_every_iters updates), checkpoint-<epoch>.pth every --save_freq epochs, checkpoint-best.pth (best val top-1,
+    at epoch ends). Evaluation runs at epoch ends only.
+    """
 
     def __init__(
         self,
         args: argparse.Namespace,
         model: nn.Module,
-        model_without_ddp: nn.Module,
-        model_cfg: Mapping[str, Any],
         criterion: nn.Module,
         optimizer: torch.optim.Optimizer,
-        scaler: torch.amp.GradScaler,
         loaders: tuple[DataLoader, DataLoader, int | None],
         mixup_fn: Mixup | None = None,
-        log_writer: Any = None,
-        best_acc: float = 0.0,
     ):
-        self.args, self.model, self.bare, self.model_cfg = args, model, model_without_ddp, model_cfg
-        self.criterion, self.optimizer, self.scaler, self.mixup_fn = criterion, optimizer, scaler, mixup_fn
+        self.args, self.bare, self.criterion, self.optimizer = args, model, criterion, optimizer
+        self.mixup_fn = mixup_fn
         self.train_loader, self.val_loader, self.num_real_val = loaders
-        self.log_writer, self.best_acc = log_writer, best_acc
         self.device = torch.device(args.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
+        self.best_acc, self.start_step = 0.0, 0
+
+    def resume(self, state: Mapping[str, Any]) -> None:
+        """Load --resume: the weights only under --eval; else everything, after util.checkpoint's checks that the
+        checkpoint belongs to this experiment (flags, and the layout of a mid-epoch checkpoint)."""
+        args = self.args
+        try:
+            ckpt.check_model_fits(self.bare, state, args.resume)
+        except ValueError as err:
+            raise ValueError(f"--resume {args.resume} is not a checkpoint of this script (pre-trained encoders go to "
+                             f"--finetune): {err}") from err
+        if args.eval:
+            self.bare.load_state_dict(state["model"])
+            return
+        self.start_step = ckpt.restore_training_state(state, self.bare, self.optimizer, self.scaler, args,
+                                                      path=args.resume)
+        self.best_acc = float(state.get("best_acc", 0.0))
 
     def evaluate(self) -> dict[str, float]:
         sharded = self.num_real_val is not None
         return evaluate(self.val_loader, self.bare, self.device, self.args.amp, self.num_real_val, sharded)
 
-    def save(self, epoch: int, test_stats: Mapping[str, float]) -> None:
+    def save(self, epoch: int, step: int, is_best: bool = False) -> None:
+        """Checkpoint after `step` steps of `epoch` (0: the epoch is done). A collective (every rank's RNG);
+        rank 0 writes."""
         args = self.args
-        is_best = test_stats["acc1"] > self.best_acc
-        self.best_acc = max(self.best_acc, test_stats["acc1"])
-        if not (args.output_dir and distributed.is_main_process()):
+        if not args.output_dir:
             return
-        out = Path(args.output_dir)
-        state = (self.bare, self.model_cfg, self.optimizer, self.scaler, epoch, args, self.best_acc)
-        save_checkpoint(out / "checkpoint-last.pth", *state)
-        if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
-            save_checkpoint(out / f"checkpoint-{epoch}.pth", *state)
-        if is_best:
-            save_checkpoint(out / "checkpoint-best.pth", *state)
+        state = ckpt.training_state(self.bare, self.optimizer, self.scaler, epoch, step, args,
+                                    best_acc=self.best_acc)
+        ckpt.save_training_checkpoint(state, args.output_dir, args.save_freq, args.epochs)
+        if is_best and distributed.is_main_process():
+            ckpt.save_atomic(state, Path(args.output_dir) / "checkpoint-best.pth")
 
     def fit(self) -> dict[str, float]:
-        """Train from args.start_epoch to args.epochs, evaluating and checkpointing after each epoch."""
+        """Train from (args.start_epoch, self.start_step) to args.epochs, evaluating and checkpointing after each
+        epoch; a stop signal saves and exits (status 0). Returns the last val stats and the best top-1."""
         args = self.args
-        n_parameters = sum(p.numel() for p in self.bare.parameters() if p.requires_grad)
         logger.info("start training for %d epochs (lr %.3e, %d trainable parameters)", args.epochs, args.lr,
-                    n_parameters)
-        start, test_stats = time.time(), {}
-        for epoch in range(args.start_epoch, args.epochs):
-            if isinstance(self.train_loader.sampler, DistributedSampler):
-                self.train_loader.sampler.set_epoch(epoch)
-            train_stats = train_one_epoch(self.model, self.criterion, self.train_loader, self.optimizer, self.scaler,
-                                          self.device, epoch, args, self.mixup_fn, self.log_writer)
-            test_stats = self.evaluate()
-            self.save(epoch, test_stats)
-            logger.info("Accuracy of the network on the %d test images: %.1f%% (max %.2f%%)", test_stats["n"],
-                        test_stats["acc1"], self.best_acc)
-            if self.log_writer is not None:
-                for key in ("acc1", "acc5", "loss"):
-                    self.log_writer.add_scalar(f"perf/test_{key}", test_stats[key], epoch)
-                self.log_writer.flush()
-            append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
-                                              **{f"test_{k}": v for k, v in test_stats.items()},
-                                              "epoch": epoch, "n_parameters": n_parameters})
+                    self.num_trainable())
+        log_writer = make_log_writer(args.log_dir)
+        stopper = GracefulStop().install()
+        start = time.time()
+        try:
+            test_stats = self.train_epochs(wrap_ddp(self.bare, self.device), stopper, log_writer)
+        finally:
+            stopper.uninstall()
+            if log_writer is not None:
+                log_writer.close()
         logger.info("training time %s s", int(time.time() - start))
         if not test_stats:  # resumed a finished run: nothing trained, report the checkpoint
             test_stats = self.evaluate()
         return {**test_stats, "best_acc1": self.best_acc}
 
+    def train_epochs(self, model: nn.Module, stopper: GracefulStop, log_writer: Any) -> dict[str, float]:
+        """The epoch loop of `fit` (`model`: the DDP-wrapped model); returns the last epoch's val stats."""
+        args, test_stats, start_step = self.args, {}, self.start_step
+        on_update = UpdateHook(self.save, stopper, args.accum_iter, args.save_every_iters, args.print_freq)
+        for epoch in range(args.start_epoch, args.epochs):
+            self.train_loader.dataset.set_epoch(epoch)
+            self.train_loader.sampler.set_epoch(epoch)
+            self.train_loader.sampler.set_start_step(start_step)
+            train_stats = train_one_epoch(model, self.criterion, self.train_loader, self.optimizer, self.scaler,
+                                          self.device, epoch, args, self.mixup_fn, log_writer, start_step, on_update)
+            start_step = 0
+            test_stats = self.evaluate()
+            is_best = test_stats["acc1"] > self.best_acc
+            self.best_acc = max(self.best_acc, test_stats["acc1"])
+            self.save(epoch, 0, is_best)
+            logger.info("Accuracy of the network on the %d test images: %.1f%% (max %.2f%%)", test_stats["n"],
+                        test_stats["acc1"], self.best_acc)
+            log_epoch(args, log_writer, epoch, train_stats, test_stats, self.num_trainable())
+            if stopper.stop_requested():  # a collective: every rank stops after the same epoch
+                stopper.finish()
+        return test_stats
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.bare.parameters() if p.requires_grad)
+
+
+def log_epoch(args: argparse.Namespace, log_writer: Any, epoch: int, train_stats: Mapping[str, float],
+              test_stats: Mapping[str, float], n_parameters: int) -> None:
+    """One JSON line in log.txt and the test scalars in TensorBoard (rank 0)."""
+    if log_writer is not None:
+        for key in ("acc1", "acc5", "loss"):
+            log_writer.add_scalar(f"perf/test_{key}", test_stats[key], epoch)
+        log_writer.flush()
+    append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
+                                      **{f"test_{k}": v for k, v in test_stats.items()},
+                                      "epoch": epoch, "n_parameters": n_parameters})
+
+
+def execute(run: Run, checkpoint: Mapping[str, Any] | None, what: str) -> dict[str, float]:
+    """Resume if asked, then train (or --eval); prints the result, ends the process group, returns the stats."""
+    args = run.args
+    try:
+        if args.resume:
+            run.resume(checkpoint)
+        if args.eval:
+            stats = run.evaluate()
+            report(stats, f"{what} evaluation of {args.resume}")
+        else:
+            stats = run.fit()
+            report(stats, what)
+    finally:
+        distributed.cleanup()
+    return stats
+
 
 def setup_run(args: argparse.Namespace) -> torch.device:
-    """Process group, logging, seed, output folder."""
+    """Device and precision of this machine, process group, logging, lr, seed, output folder and run_info.json."""
+    resolve_machine(args)  # on the machine that trains (in a SLURM job: the compute node)
     info = distributed.init_distributed(args.device, args.dist_url)
     if info.distributed and args.device.startswith("cuda"):
         args.device = f"cuda:{info.local_rank}"
     setup_logging(args.output_dir)
     resolve_lr(args, info.world_size)
     seed_everything(args.seed + info.rank)
-    torch.backends.cudnn.benchmark = True  # fixed input size (MAE)
-    write_run_config(args)
-    logger.info("args: %s", json.dumps(plain_args(args)))
+    configure_backends(args.device)  # attention kernels, TF32, cuDNN: chosen per device in one place
+    if args.output_dir:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        ckpt.write_run_info(args)
+    logger.info("args: %s", json.dumps(ckpt.plain_args(args)))
     return torch.device(args.device)
-
-
-def wrap_ddp(model: nn.Module, args: argparse.Namespace) -> nn.Module:
-    """DDP when distributed; frozen parameters (requires_grad=False) stay out of its reducer, so no
-    find_unused_parameters is needed."""
-    if not distributed.is_dist():
-        return model
-    device_ids = [torch.device(args.device).index] if args.device.startswith("cuda") else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def report(stats: Mapping[str, float], what: str) -> None:
@@ -556,19 +593,8 @@ def train(args: argparse.Namespace, checkpoint: Mapping[str, Any] | None) -> dic
     train_set, val_set = build_datasets(args, train_transform, finetune_transform(False, args.input_size))
     loaders = build_loaders(args, train_set, val_set)
     model = build_model(args, checkpoint).to(device)
-    optimizer = build_optimizer(model, args)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    best_acc = restore_checkpoint(checkpoint, model, optimizer, scaler, args) if args.resume else 0.0
-    run = Run(args, wrap_ddp(model, args), model, model.config, build_criterion(args), optimizer, scaler, loaders,
-              build_mixup(args), make_log_writer(args), best_acc)
-    if args.eval:
-        stats = run.evaluate()
-        report(stats, f"Evaluation of {args.resume}")
-    else:
-        stats = run.fit()
-        report(stats, "Fine-tuning")
-    distributed.cleanup()
-    return stats
+    run = Run(args, model, build_criterion(args), build_optimizer(model, args), loaders, build_mixup(args))
+    return execute(run, checkpoint, "Fine-tuning")
 
 
 def parse_and_resolve(

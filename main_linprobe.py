@@ -90,8 +90,11 @@ def resolve_args(args: argparse.Namespace) -> dict[str, Any] | None:
     ft.check_common_args(args)
     if not args.finetune and not args.resume:
         raise ValueError("--finetune is required: linear probing needs a pre-trained encoder")
-    checkpoint = ft.load_source_checkpoint(args)
-    cfg = checkpoint.get("model_cfg") if checkpoint is not None else None
+    checkpoint = ft.load_source_checkpoint(args)  # `--resume auto` with nothing to resume: from --finetune
+    if checkpoint is None:
+        raise ValueError(f"--finetune is required: --resume {args.resume or 'auto'} found no checkpoint in "
+                         f"--output_dir {args.output_dir}, and linear probing needs a pre-trained encoder")
+    cfg = checkpoint.get("model_cfg")
     if args.resume and cfg is not None and "probe_block" in cfg:
         args.probe_block = cfg["probe_block"]  # a run in progress keeps its probed block
     ft.resolve_architecture(args, checkpoint)
@@ -166,20 +169,9 @@ def train(args: argparse.Namespace, checkpoint: Mapping[str, Any] | None) -> dic
                   depth=args.depth, num_heads=args.num_heads, num_classes=args.nb_classes, drop_path_rate=0.0,
                   global_pool=args.global_pool, probe_block=args.probe_block)
     model = build_probe(config, None if args.resume else checkpoint).to(device)
-    optimizer = build_optimizer(model, args)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    best_acc = ft.restore_checkpoint(checkpoint, model, optimizer, scaler, args) if args.resume else 0.0
-    run = ft.Run(args, ft.wrap_ddp(model, args), model, model.config, nn.CrossEntropyLoss(), optimizer, scaler,
-                 loaders, None, ft.make_log_writer(args), best_acc)
+    run = ft.Run(args, model, nn.CrossEntropyLoss(), build_optimizer(model, args), loaders)
     what = f"block {args.probe_block}" if args.probe_block else ("global pool" if args.global_pool else "cls token")
-    if args.eval:
-        stats = run.evaluate()
-        ft.report(stats, f"Linear probe ({what}) evaluation of {args.resume}")
-    else:
-        stats = run.fit()
-        ft.report(stats, f"Linear probe ({what})")
-    ft.distributed.cleanup()
-    return stats
+    return ft.execute(run, checkpoint, f"Linear probe ({what})")
 
 
 def main(args: argparse.Namespace) -> dict[str, float]:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import engine_finetune
 import main_finetune
 import models_deepmim
+from util.amp import resolve_machine
 from util.checkpoint import load_checkpoint, save_atomic
 from util.cls_data import DigitsDemo, finetune_transform, posterize_zero_bits_black
 
@@ -80,11 +81,17 @@ def test_lr_is_blr_times_effective_batch_over_256():
     assert main_finetune.resolve_lr(args, world_size=4) == pytest.approx(1e-3 * 64 * 2 * 4 / 256)
 
 
-def test_amp_defaults_and_checks():
-    assert main_finetune.resolve_amp(None, "cpu") == "none"
-    assert main_finetune.resolve_amp("bf16", "cpu") == "bf16"
+def test_device_and_amp_are_resolved_in_the_job_not_at_submission(setup, tmp_path):
+    """resolve_args (what the launchers run on a login node) leaves --device / --amp alone; main() decides them on
+    the machine that trains (util.amp.resolve_machine) and refuses fp16 on the CPU there."""
+    data, ckpt = setup
+    argv = [a for a in tiny_argv(data, tmp_path / "out", ckpt) if a not in ("--device", "cpu")]
+    args = parse(*argv)
+    assert (args.device, args.amp) == (None, None)
+    main_finetune.resolve_args(args)
+    assert (args.device, args.amp) == (None, None)
     with pytest.raises(ValueError, match="--amp fp16"):
-        main_finetune.resolve_amp("fp16", "cpu")
+        main_finetune.main(parse(*tiny_argv(data, tmp_path / "out", ckpt), "--amp", "fp16"))
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -94,7 +101,8 @@ def test_amp_defaults_and_checks():
     (["--reinit_blocks", "0"], r"--reinit_blocks must be in 1..4"),
     (["--drop_path", "1"], r"--drop_path must be in \[0, 1\)"),
     (["--mixup", "0.8", "--batch_size", "5"], "--batch_size must be even"),
-    (["--amp", "fp16"], "--amp fp16"),
+    (["--save_every_iters", "-1"], "--save_every_iters"),
+    (["--resume", "auto", "--output_dir", ""], "--resume auto looks for checkpoints in --output_dir"),
     (["--eval"], "--resume"),
     (["--finetune", "no/such.pth"], "--finetune no/such.pth: no such file"),
     (["--nb_classes", "0"], "--nb_classes"),
@@ -145,8 +153,10 @@ def test_bad_flags_exit_non_zero_from_the_command_line(setup, tmp_path):
 
 def test_trainable_blocks_step_leaves_frozen_weights_bit_identical(setup, tmp_path):
     data, ckpt = setup
-    args = parse(*tiny_argv(data, tmp_path, ckpt), "--trainable_blocks", "2", "--drop_path", "0")
+    args = parse(*tiny_argv(data, tmp_path, ckpt), "--trainable_blocks", "2", "--drop_path", "0",
+                 "--max_bad_images", "0")
     checkpoint = main_finetune.resolve_args(args)
+    resolve_machine(args)
     main_finetune.resolve_lr(args, 1)
     model = main_finetune.build_model(args, checkpoint)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
@@ -157,7 +167,7 @@ def test_trainable_blocks_step_leaves_frozen_weights_bit_identical(setup, tmp_pa
     model.zero_grad(set_to_none=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = main_finetune.build_optimizer(model, args)
-    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    loader = DataLoader(TensorDataset(x, y, torch.zeros(4, dtype=torch.int64)), batch_size=4)  # (image, label, bad)
     engine_finetune.train_one_epoch(model, torch.nn.CrossEntropyLoss(), loader, optimizer,
                                     torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), 0, args)
     for name, p in model.named_parameters():
@@ -198,15 +208,17 @@ def test_finetune_end_to_end_checkpoints_logs_eval_and_resume(setup, tmp_path):
                                      "--reinit_blocks", "1", "--mixup", "0.8", "--cutmix", "1.0"))
     names = {p.name for p in out.iterdir()}
     assert {"checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth", "checkpoint-best.pth", "log.txt",
-            "args.json"} <= names
+            "run_info.json"} <= names
     assert any(n.startswith("events.out.tfevents") for n in names)
     lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [0, 1]
     assert {"train_loss", "train_lr", "test_acc1", "test_acc5", "test_loss", "n_parameters"} <= set(lines[0])
     assert lines[1]["test_n"] == 7 and stats["acc1"] == lines[1]["test_acc1"]
     state = load_checkpoint(out / "checkpoint-last.pth")  # weights_only=True
-    assert {"model", "model_cfg", "optimizer", "scaler", "epoch", "args", "git_sha", "best_acc"} <= set(state)
-    assert state["epoch"] == 1 and isinstance(state["args"], dict) and state["args"]["reinit_blocks"] == 1
+    assert {"model", "model_cfg", "optimizer", "scaler", "epoch", "iter", "rng", "args", "git_sha",
+            "best_acc"} <= set(state)
+    assert state["epoch"] == 1 and state["iter"] == 0
+    assert isinstance(state["args"], dict) and state["args"]["reinit_blocks"] == 1
     assert state["best_acc"] == max(line["test_acc1"] for line in lines)
     assert state["model_cfg"] == {"name": "vit_small_patch16", "img_size": 32, "patch_size": 8, "embed_dim": 64,
                                   "depth": 4, "num_heads": 4, "num_classes": 3, "drop_path_rate": 0.1,
@@ -217,9 +229,10 @@ def test_finetune_end_to_end_checkpoints_logs_eval_and_resume(setup, tmp_path):
     assert evaluated["acc1"] == lines[1]["test_acc1"]
     assert evaluated["loss"] == pytest.approx(lines[1]["test_loss"])
 
-    resumed_out = tmp_path / "resumed"
-    main_finetune.main(parse(*tiny_argv(data, resumed_out, ckpt), "--epochs", "3", "--resume",
-                             str(out / "checkpoint-last.pth")))
+    resumed_out = tmp_path / "resumed"  # the same experiment, one more epoch
+    main_finetune.main(parse(*tiny_argv(data, resumed_out, ckpt), "--epochs", "3", "--save_freq", "1",
+                             "--reinit_blocks", "1", "--mixup", "0.8", "--cutmix", "1.0", "--resume",
+                             str(out / "checkpoint-last.pth"), "--resume_allow_changes", "epochs"))
     assert [json.loads(line)["epoch"] for line in (resumed_out / "log.txt").read_text().splitlines()] == [2]
 
 
