@@ -25,12 +25,26 @@ from util.training import (
     check_bad_images,
 )
 
-__all__ = ["NonFiniteLossError", "TargetsFn", "autocast_context", "train_one_epoch"]
+__all__ = ["NonFiniteLossError", "TargetsFn", "autocast_context", "compute_targets", "train_one_epoch"]
 
 logger = logging.getLogger(__name__)
 
 # targets_fn(imgs, noise) -> None (pixel targets), (N, L, C), or {block: (N, L, C)}
 TargetsFn = Callable[[Tensor, Tensor], Any]
+
+
+def compute_targets(targets_fn: TargetsFn | None, imgs: Tensor, noise: Tensor) -> Any:
+    """Every reconstruction target (HOG, teacher features, the DeepMIM+ blend of Eq. 1) is computed here, in float32
+    with autocast off, whatever region the caller is in: frozen teachers and the generator open their own autocast
+    for their forward pass, and their outputs are cast back to float32. None (pixel targets) lets the model compute
+    them, also in float32 (`MaskedAutoencoderDeepMIM.pixel_targets`)."""
+    if targets_fn is None:
+        return None
+    with torch.autocast(imgs.device.type, enabled=False):
+        targets = targets_fn(imgs.float(), noise)
+    if isinstance(targets, Tensor):
+        return targets.float()
+    return {block: target.float() for block, target in targets.items()}
 
 
 def train_one_epoch(
@@ -72,8 +86,7 @@ def train_one_epoch(
             )
         imgs = normalize_on_device(samples, device)
         noise = raw_model.make_noise(imgs.shape[0], device)  # one mask for every decoder and the generator
-        # Teachers and the generator choose their own precision; HOG stays in float32.
-        targets = targets_fn(imgs, noise) if targets_fn is not None else None
+        targets = compute_targets(targets_fn, imgs, noise)
         update = (step + 1) % accum_iter == 0
         # DDP: no gradient all-reduce on accumulation steps (forward and backward inside no_sync).
         with accumulation_context(model, sync=update):

@@ -46,7 +46,7 @@ from util.cls_data import DigitsDemo, build_image_folder, check_classification_f
 from util.datasets import ResumableDistributedSampler, RobustSeededDataset, ignore_stop_signals
 from util.misc import append_json_log, make_log_writer, seed_everything, setup_logging
 from util.preemption import GracefulStop
-from util.training import UpdateHook, wrap_ddp
+from util.training import UpdateHook, add_compile_args, maybe_compile, wrap_ddp
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +162,7 @@ def add_common_args(parser: argparse.ArgumentParser, nb_classes: int) -> None:
     g.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint (top-1/top-5)")
     g.add_argument("--dist_eval", action="store_true", help="shard evaluation over ranks (exact, padding skipped)")
     g.add_argument("--dist_url", default="env://", help="process-group URL (MAE)")
+    add_compile_args(g)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -491,7 +492,8 @@ class Run:
         stopper = GracefulStop().install()
         start = time.time()
         try:
-            test_stats = self.train_epochs(wrap_ddp(self.bare, self.device), stopper, log_writer)
+            train_model = wrap_ddp(maybe_compile(self.bare, args.compile, args.compile_backend), self.device)
+            test_stats = self.train_epochs(train_model, stopper, log_writer)
         finally:
             stopper.uninstall()
             if log_writer is not None:

@@ -42,7 +42,7 @@ from util.hybrid import HybridGenerator, blend_targets, check_hybrid_args
 from util.misc import append_json_log, make_log_writer, seed_everything, setup_logging
 from util.preemption import GracefulStop
 from util.targets import TARGETS, Target, check_target_args
-from util.training import UpdateHook, wrap_ddp
+from util.training import UpdateHook, add_compile_args, maybe_compile, wrap_ddp
 from util.visualize import grid_tensor, reconstruction_panels, save_grid_png
 
 logger = logging.getLogger("main_pretrain")
@@ -132,6 +132,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     system.add_argument("--max_bad_images", default=None, type=int,
                         help="unreadable images tolerated per epoch and rank (default: 1%% of the epoch)")
     system.add_argument("--print_freq", default=20, type=int, help="log (and read losses) every N steps")
+    add_compile_args(system)
     system.add_argument("--vis_freq", default=20, type=int,
                         help="log a reconstruction grid to TensorBoard every N epochs (0: never)")
     return parser
@@ -326,31 +327,27 @@ def main(args: argparse.Namespace) -> RunResult:
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     start_step = ckpt.resume_training(model, optimizer, scaler, args) if args.resume else 0
     targets_fn = build_targets_fn(args, target, model, device)
-    train_model = wrap_ddp(model, device)
+    train_model = wrap_ddp(maybe_compile(model, args.compile, args.compile_backend), device)
     ckpt.write_run_info(args)
 
     stopper = GracefulStop().install()
     log_writer = make_log_writer(args.log_dir)
-    save = partial(_save, model, optimizer, scaler, args)
+    writer = ckpt.BackgroundWriter()
+    save = partial(_save, model, optimizer, scaler, args, writer)
     on_update = UpdateHook(save, stopper, args.accum_iter, args.save_every_iters, args.print_freq)
     stats: dict[str, float] = {}
     start = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        dataset.set_epoch(epoch)
-        loader.sampler.set_epoch(epoch)
-        loader.sampler.set_start_step(start_step)
-        stats = train_one_epoch(train_model, loader, optimizer, scaler, device, epoch, args, targets_fn,
-                                log_writer, start_step, on_update)
-        start_step = 0
-        save(epoch, 0)
-        append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch})
-        if log_writer is not None and args.target == "pixel" and args.vis_freq and (epoch + 1) % args.vis_freq == 0:
-            log_writer.add_image("reconstructions", grid_tensor(reconstructions(model, dataset, targets_fn, args)),
-                                 epoch)
-        if log_writer is not None:
-            log_writer.flush()
-        if stopper.stop_requested():
-            stopper.finish()
+    try:
+        for epoch in range(args.start_epoch, args.epochs):
+            stats = _train_epoch(train_model, model, loader, dataset, optimizer, scaler, device, epoch, args,
+                                 targets_fn, log_writer, start_step, on_update, save)
+            start_step = 0
+            if stopper.stop_requested():
+                writer.wait()  # the epoch's checkpoint is on disk before the job exits
+                stopper.finish()
+        writer.wait()
+    finally:
+        writer.close()
     stopper.uninstall()
     if args.demo and args.target == "pixel" and distributed.is_main_process():
         save_grid_png(reconstructions(model, dataset, targets_fn, args), Path(args.output_dir) / "reconstructions.png")
@@ -359,6 +356,24 @@ def main(args: argparse.Namespace) -> RunResult:
         log_writer.close()
     distributed.cleanup()
     return RunResult(model, stats)
+
+
+def _train_epoch(train_model, model, loader: DataLoader, dataset, optimizer, scaler, device: torch.device, epoch: int,
+                 args: argparse.Namespace, targets_fn: TargetsFn | None, log_writer, start_step: int, on_update,
+                 save) -> dict[str, float]:
+    """One epoch (from `start_step` after a mid-epoch resume), its checkpoint, log line and reconstruction grid."""
+    dataset.set_epoch(epoch)
+    loader.sampler.set_epoch(epoch)
+    loader.sampler.set_start_step(start_step)
+    stats = train_one_epoch(train_model, loader, optimizer, scaler, device, epoch, args, targets_fn, log_writer,
+                            start_step, on_update)
+    save(epoch, 0)
+    append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch})
+    if log_writer is not None and args.target == "pixel" and args.vis_freq and (epoch + 1) % args.vis_freq == 0:
+        log_writer.add_image("reconstructions", grid_tensor(reconstructions(model, dataset, targets_fn, args)), epoch)
+    if log_writer is not None:
+        log_writer.flush()
+    return stats
 
 
 def reconstructions(model, dataset: Dataset, targets_fn: TargetsFn | None, args: argparse.Namespace,
@@ -372,9 +387,15 @@ def reconstructions(model, dataset: Dataset, targets_fn: TargetsFn | None, args:
     return reconstruction_panels(model, imgs, noise, args.mask_ratio, hybrid_targets=hybrid)
 
 
-def _save(model, optimizer, scaler, args: argparse.Namespace, epoch: int, step: int) -> None:
+def _save(model, optimizer, scaler, args: argparse.Namespace, writer: ckpt.BackgroundWriter, epoch: int,
+          step: int) -> None:
+    """Epoch ends are written in the background (ranks do not wait for rank 0's disk); mid-epoch saves (periodic or
+    on a stop signal) are on disk when this returns."""
     state = ckpt.training_state(model, optimizer, scaler, epoch, step, args)
-    ckpt.save_training_checkpoint(state, args.output_dir, args.save_freq, args.epochs)
+    if step != 0:
+        writer.wait()
+    ckpt.save_training_checkpoint(state, args.output_dir, args.save_freq, args.epochs,
+                                  writer=writer if step == 0 else None)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

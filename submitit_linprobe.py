@@ -4,7 +4,8 @@
         --finetune out/deepmim_vitb/checkpoint-1599.pth --data_path /datasets/imagenet \\
         --batch_size 1024 --epochs 90 --blr 0.1 --dist_eval [--probe_block 8]
 
-A requeued job resumes from the newest checkpoint of its job folder (epoch granularity). The job asks for
+A requeued job resumes exactly, mid-epoch included, from the newest valid checkpoint of its job folder
+(`--resume auto`). The job asks for
 --ngpus GPUs per node (none with --device cpu); device and precision are chosen inside the job (util/amp.py).
 """
 

@@ -314,3 +314,40 @@ def test_other_architecture_without_stored_args_is_a_clear_error():
     with pytest.raises(ValueError, match=r"another architecture.*weight: \(2, 3\) stored, \(2, 5\) here"):
         ckpt.restore_training_state(state, model, None, None, run_args(), path="x.pth")
     assert torch.equal(model.weight, before["weight"])
+
+
+def test_background_writer_saves_a_copy_taken_at_submit(tmp_path, monkeypatch):
+    import threading
+
+    import util.checkpoint as ckpt_module
+
+    weights = torch.zeros(4)
+    release = threading.Event()
+    original = ckpt_module.save_atomic
+
+    def slow_save(obj, path):
+        release.wait(10)  # the disk is slow: training goes on meanwhile
+        original(obj, path)
+
+    monkeypatch.setattr(ckpt_module, "save_atomic", slow_save)
+    writer = ckpt_module.BackgroundWriter()
+    writer.submit({"model": {"w": weights}, "epoch": 0, "iter": 0}, [tmp_path / "checkpoint-last.pth"])
+    weights.add_(1)  # the next optimizer step changes the live tensor
+    assert not (tmp_path / "checkpoint-last.pth").exists()
+    release.set()
+    writer.wait()
+    assert torch.equal(ckpt.load_checkpoint(tmp_path / "checkpoint-last.pth")["model"]["w"], torch.zeros(4))
+
+
+def test_background_writer_reports_a_failed_write(tmp_path, monkeypatch):
+    import util.checkpoint as ckpt_module
+
+    def broken_save(obj, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_module, "save_atomic", broken_save)
+    writer = ckpt_module.BackgroundWriter()
+    writer.submit({"epoch": 0, "iter": 0}, [tmp_path / "checkpoint-last.pth"])
+    with pytest.raises(RuntimeError, match="disk full"):
+        writer.wait()
+    writer.wait()  # reported once

@@ -19,6 +19,7 @@ import random
 import re
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -165,7 +166,7 @@ IGNORED_SETTINGS = frozenset({
     "print_freq", "save_freq", "save_every_iters", "vis_freq", "max_bad_images", "eval", "dist_eval",
     "num_workers", "pin_mem", "dist_url", "device", "amp",
     "ngpus", "nodes", "timeout", "partition", "use_volta32", "comment", "cluster", "max_requeues",
-    "config", "print_config",
+    "config", "print_config", "grad_ckpt", "compile", "compile_backend",
 })
 #: Ignored settings whose change is still logged on resume.
 LOGGED_SETTINGS = ("amp",)
@@ -380,15 +381,77 @@ def gather_rng() -> list[dict[str, Any]]:
     return states
 
 
-def save_training_checkpoint(state: dict[str, Any], output_dir: str, save_freq: int, epochs: int) -> None:
-    """Rank 0 writes checkpoint-last.pth, and checkpoint-<epoch>.pth at every `save_freq`-th epoch end (atomically)."""
+def save_training_checkpoint(state: dict[str, Any], output_dir: str, save_freq: int, epochs: int,
+                             writer: BackgroundWriter | None = None) -> None:
+    """Rank 0 writes checkpoint-last.pth, and checkpoint-<epoch>.pth at every `save_freq`-th epoch end (atomically).
+
+    With a `writer`, the files are written in its background thread from a CPU copy taken now, so the other ranks
+    do not wait for rank 0's disk; without one (mid-epoch saves, stop signals) they are on disk when this returns,
+    after any background write still in flight."""
     if not distributed.is_main_process():
         return
     out, epoch = Path(output_dir), state["epoch"]
-    epoch_end = state["iter"] == 0
-    if epoch_end and ((epoch + 1) % save_freq == 0 or epoch + 1 == epochs):
-        save_atomic(state, out / f"checkpoint-{epoch}.pth")
-    save_atomic(state, out / "checkpoint-last.pth")
+    paths = [out / "checkpoint-last.pth"]
+    if state["iter"] == 0 and ((epoch + 1) % save_freq == 0 or epoch + 1 == epochs):
+        paths.insert(0, out / f"checkpoint-{epoch}.pth")
+    if writer is not None:
+        writer.submit(state, paths)
+        return
+    for path in paths:
+        save_atomic(state, path)
+
+
+def cpu_copy(value: Any) -> Any:
+    """A deep copy of a checkpoint state with every tensor copied to host memory (the live weights and optimizer
+    state keep changing while a background thread writes the copy)."""
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: cpu_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cpu_copy(item) for item in value)
+    return value
+
+
+class BackgroundWriter:
+    """Writes checkpoints atomically in one background thread, one state at a time.
+
+    `submit` waits for the previous write, copies the state to host memory and returns; `wait` blocks until the
+    last write is on disk and raises if it failed. Call `wait` before any synchronous save (order on disk), before
+    exiting on a stop signal, and at the end of a run; `close` does the same but only logs a failure (for `finally`
+    blocks where another error may be propagating).
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, state: dict[str, Any], paths: list[Path]) -> None:
+        self.wait()
+        state = cpu_copy(state)
+        self._thread = threading.Thread(target=self._write, args=(state, paths), name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, state: dict[str, Any], paths: list[Path]) -> None:
+        try:
+            for path in paths:
+                save_atomic(state, path)
+        except BaseException as err:  # reported by the next submit / wait, in the training thread
+            self._error = err
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"writing a checkpoint in the background failed: {error}") from error
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        except RuntimeError as err:
+            logger.error("%s", err)
 
 
 # -- resume -----------------------------------------------------------------------------------------------------

@@ -171,4 +171,4 @@ def classification_launcher(module: Any, name: str, argv: list[str] | None = Non
         module.resolve_args(argparse.Namespace(**vars(args)))  # validation only; the job resolves again
     except ValueError as err:
         parser.error(str(err))
-    return launch(module.main, args, name=name, auto_resume=False)
+    return launch(module.main, args, name=name)  # fine-tuning and probing understand --resume auto too

@@ -147,3 +147,21 @@ class UpdateHook:
             self.save(epoch, step)
         if stop:
             self.stopper.finish()
+
+
+def add_compile_args(group: Any) -> None:
+    """`--compile` and `--compile_backend`, shared by pre-training, fine-tuning and probing."""
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the model's forward (static shapes, one graph; the first steps compile); "
+                            "checkpoints are the same with and without it")
+    group.add_argument("--compile_backend", default="inductor", type=str,
+                       help="torch.compile backend (inductor; aot_eager or eager to debug a compile problem)")
+
+
+def maybe_compile(model: nn.Module, enabled: bool, backend: str = "inductor") -> nn.Module:
+    """Compile `model` in place (`nn.Module.compile`): its class, attributes and state-dict keys stay the same, so
+    checkpoints carry no `_orig_mod.` prefix and DDP's `no_sync` still applies to the module that wraps it."""
+    if enabled:
+        model.compile(backend=backend)
+        logger.info("torch.compile: model forward compiled with backend %s", backend)
+    return model

@@ -1,0 +1,47 @@
+"""engine_pretrain: every reconstruction target is computed in float32 with autocast off, in one place."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_pretrain import compute_targets
+from util.hybrid import blend_targets
+from util.patches import normalize_patches, patchify
+from util.targets import HogTarget
+
+
+def teacher_like(imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """A frozen network that opens its own bf16 autocast (as util/teachers.py does) and normalises its output."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8 * 8 * 3, 16)
+    with torch.autocast(imgs.device.type, dtype=torch.bfloat16):
+        features = layer(patchify(imgs, 8))
+    return torch.nn.functional.layer_norm(features, (16,))
+
+
+def hybrid_like(imgs: torch.Tensor, noise: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Eq. 1 blend of per-patch normalised pixels and a reconstruction."""
+    pixels = normalize_patches(patchify(imgs, 8))
+    x_hat = normalize_patches(patchify(imgs.flip(-1), 8))
+    return blend_targets(pixels, x_hat, (0.0, 1 / 3, 1.0), (2, 3, 4))
+
+
+@pytest.mark.parametrize("targets_fn", [lambda imgs, noise: HogTarget(8)(imgs), teacher_like, hybrid_like],
+                         ids=["hog", "teacher", "hybrid"])
+def test_targets_under_bf16_autocast_equal_float32_ones(targets_fn):
+    imgs, noise = torch.randn(2, 3, 32, 32) * 2, torch.rand(2, 16)
+    reference = compute_targets(targets_fn, imgs, noise)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = compute_targets(targets_fn, imgs, noise)
+        unguarded = targets_fn(imgs, noise)
+    as_dict = (lambda t: t) if isinstance(reference, dict) else (lambda t: {0: t})
+    for block, target in as_dict(inside).items():
+        assert target.dtype == torch.float32
+        assert torch.equal(target, as_dict(reference)[block]), block
+    if targets_fn is teacher_like:  # its own autocast would hand bf16 features to the loss without the cast
+        assert unguarded.dtype == torch.bfloat16
+
+
+def test_no_targets_means_the_models_own_pixels():
+    assert compute_targets(None, torch.zeros(1, 3, 32, 32), torch.zeros(1, 16)) is None
