@@ -1,11 +1,12 @@
 """Fine-tune a pre-trained ViT encoder on ImageNet-style classification (MAE's recipe, paper Appendix A).
 
 Accepts this project's pre-training checkpoints, MAE's released `mae_pretrain_vit_*.pth` and the released DeepMIM
-ones. The paper's ViT-B recipe (100 epochs, batch 1024, blr 2e-4, layer decay 0.65 / 0.6, drop path 0.1,
-RandAugment, label smoothing 0.1, Mixup 0.8, CutMix 1.0, warm-up 5):
+ones. The paper's ViT-B recipe (Appendix A: 100 epochs, batch 1024, absolute lr 2e-4, i.e. blr 5e-5 — 4e-4 / blr
+1e-4 for CLIP targets —, layer decay 0.65 / 0.6, drop path 0.1, RandAugment, label smoothing 0.1, Mixup 0.8,
+CutMix 1.0, warm-up 5):
 
     torchrun --nproc_per_node 8 main_finetune.py --finetune output_dir/checkpoint-last.pth --data_path /imagenet \
-        --batch_size 128 --epochs 100 --blr 2e-4 --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.1 \
+        --batch_size 128 --epochs 100 --blr 5e-5 --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.1 \
         --reprob 0.25 --mixup 0.8 --cutmix 1.0 --smoothing 0.1 --warmup_epochs 5 --dist_eval
 
 Layer studies (paper Figs. 7, 8): `--trainable_blocks K` trains only the last K blocks and the head;
@@ -85,7 +86,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip_grad", default=None, type=float, help="clip gradient norm (default: off)")
     g.add_argument("--weight_decay", default=0.05, type=float)
     g.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr * effective batch / 256)")
-    g.add_argument("--blr", default=1e-3, type=float, help="base lr (paper: 2e-4; 4e-4 for CLIP targets)")
+    g.add_argument("--blr", default=1e-3, type=float,
+                   help="base lr: lr = blr * effective batch / 256 (MAE's default 1e-3; paper Appendix A: absolute lr "
+                        "2e-4 at batch 1024, i.e. blr 5e-5; 4e-4, i.e. blr 1e-4, for CLIP targets)")
     g.add_argument("--layer_decay", default=0.75, type=float,
                    help="layer-wise lr decay in (0, 1] (paper: 0.65 after 300-epoch, 0.6 after 800-epoch pre-training)")
     g.add_argument("--min_lr", default=1e-6, type=float)

@@ -2,7 +2,7 @@
 
     python submitit_finetune.py --nodes 4 --ngpus 8 --partition learnfair \\
         --finetune out/deepmim_vitb/checkpoint-1599.pth --data_path /datasets/imagenet \\
-        --batch_size 32 --epochs 100 --blr 2e-4 --layer_decay 0.6 --dist_eval
+        --batch_size 32 --epochs 100 --blr 5e-5 --layer_decay 0.6 --dist_eval
 
 A requeued job resumes exactly, mid-epoch included, from the newest valid checkpoint of its job folder
 (`--resume auto`). The job asks for
