@@ -351,3 +351,27 @@ def test_background_writer_reports_a_failed_write(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         writer.wait()
     writer.wait()  # reported once
+
+
+def test_atomic_checkpoints_get_the_umask_permissions_of_a_plain_open(tmp_path, monkeypatch):
+    import stat
+
+    monkeypatch.setattr(ckpt, "_UMASK", 0o022)
+    ckpt.save_atomic({"epoch": 0}, tmp_path / "checkpoint-last.pth")
+    assert stat.S_IMODE((tmp_path / "checkpoint-last.pth").stat().st_mode) == 0o644
+    monkeypatch.setattr(ckpt, "_UMASK", 0o077)
+    ckpt.save_atomic({"epoch": 1}, tmp_path / "checkpoint-last.pth")
+    assert stat.S_IMODE((tmp_path / "checkpoint-last.pth").stat().st_mode) == 0o600
+
+
+def test_a_process_under_umask_022_writes_0644(tmp_path):
+    import stat
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = (f"import os, sys; os.umask(0o022); sys.path.insert(0, {str(ROOT)!r}); import util.checkpoint as c; "
+            f"c.save_atomic({{'epoch': 0}}, {str(tmp_path / 'ckpt.pth')!r})")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert stat.S_IMODE((tmp_path / "ckpt.pth").stat().st_mode) == 0o644

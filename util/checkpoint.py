@@ -58,15 +58,28 @@ def git_sha() -> str:
         return "unknown"
 
 
+def _process_umask() -> int:
+    """The process's umask (read once, at import: reading it means setting it, which would race with threads)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
 
-    A process killed at any moment leaves either the old file or the new one, never a truncated file.
+    A process killed at any moment leaves either the old file or the new one, never a truncated file. The file ends
+    with the permissions a plain `open()` gives under the process umask (0644 under umask 022), not the temporary
+    file's 0600, so teammates on shared cluster storage can read it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
