@@ -206,7 +206,9 @@ def check_common_args(args: argparse.Namespace) -> None:
         check_range(args, name, 1, math.inf)
     for name in ("num_workers", "save_every_iters", "max_bad_images"):
         check_range(args, name, 0, math.inf)
-    check_range(args, "warmup_epochs", 0, args.epochs)
+    if not 0 <= args.warmup_epochs <= args.epochs:
+        raise ValueError(f"--warmup_epochs must be in [0, --epochs={args.epochs}] (the bound is --epochs), "
+                         f"got {args.warmup_epochs}")
     check_range(args, "weight_decay", 0, math.inf)
     check_range(args, "blr", 0, math.inf, low_open=True)
     check_range(args, "lr", 0, math.inf, low_open=True)

@@ -180,8 +180,11 @@ def validate_args(args: argparse.Namespace) -> None:
     _validate_targets(args, patch)
     if args.blr <= 0 or (args.lr is not None and args.lr <= 0):
         raise ValueError("--blr and --lr must be > 0")
-    if args.warmup_epochs < 0 or args.weight_decay < 0 or args.min_lr < 0:
-        raise ValueError("--warmup_epochs, --weight_decay and --min_lr must be >= 0")
+    if args.weight_decay < 0 or args.min_lr < 0:
+        raise ValueError("--weight_decay and --min_lr must be >= 0")
+    if not 0 <= args.warmup_epochs <= args.epochs:
+        raise ValueError(f"--warmup_epochs must be in [0, --epochs={args.epochs}] (the bound is --epochs), "
+                         f"got {args.warmup_epochs}")
     if not 0 <= args.start_epoch < args.epochs:
         raise ValueError(f"--start_epoch must be in [0, --epochs={args.epochs}), got {args.start_epoch}")
     if args.amp is not None and args.amp not in AMP_CHOICES:
@@ -313,6 +316,10 @@ def main(args: argparse.Namespace) -> RunResult:
     configure_backends(device)  # attention kernels, TF32, cuDNN: chosen per device in one place
     dataset = build_dataset(args)
     loader = build_loader(dataset, args)
+    if len(loader) == 0:
+        raise ValueError(f"--batch_size {args.batch_size} x {dist_info.world_size} processes exceeds the "
+                         f"{len(dataset)} training images: an epoch would train nothing (incomplete batches are "
+                         "dropped); lower --batch_size or add images")
     if args.max_bad_images is None:
         args.max_bad_images = max(1, len(loader.sampler) // 100)  # 1 % of this rank's epoch
     target = build_target(args, device)

@@ -106,7 +106,7 @@ def test_device_and_amp_are_resolved_in_the_job_not_at_submission(setup, tmp_pat
     (["--eval"], "--resume"),
     (["--finetune", "no/such.pth"], "--finetune no/such.pth: no such file"),
     (["--nb_classes", "0"], "--nb_classes"),
-    (["--warmup_epochs", "5"], "--warmup_epochs"),
+    (["--warmup_epochs", "5"], "the bound is --epochs"),
     (["--model", "vit_tiny_patch3"], "--model"),
     (["--input_size", "36"], "--input_size 36 must be a multiple of --patch_size 8"),
 ])

@@ -82,6 +82,7 @@ BAD_ARGS = [
     (["--target", "sift"], "--target"),
     (["--hybrid_generator", "/nonexistent/mae.pth"], "/nonexistent/mae.pth"),
     (["--hybrid_alphas", "0", "0.5", "1"], "--hybrid_alphas"),
+    (["--warmup_epochs", "3"], "the bound is --epochs"),
 ]
 
 
@@ -168,3 +169,10 @@ def test_hybrid_generator_needs_pixel_target(image_folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         tiny_args(image_folder, tmp_path / "run", "--target", "hog", "--hybrid_generator", str(generator))
     assert "--target pixel" in capsys.readouterr().err
+
+
+def test_a_batch_larger_than_the_dataset_is_an_error_not_an_empty_epoch(tmp_path):
+    data = write_image_folder(tmp_path / "images", num_images=6)
+    with pytest.raises(ValueError, match=r"--batch_size 8 x 1 processes exceeds the 6 training images"):
+        main_pretrain.main(tiny_args(data, tmp_path / "run", "--batch_size", "8"))
+    assert not list((tmp_path / "run").glob("checkpoint-*.pth"))
