@@ -136,7 +136,7 @@ def add_common_args(parser: argparse.ArgumentParser, nb_classes: int) -> None:
     g.add_argument("--no_aug", action="store_true",
                    help="train on the evaluation transform (resize + centre crop): no augmentation; set by --demo")
     g.add_argument("--output_dir", default="./output_dir", help="checkpoints and log.txt")
-    g.add_argument("--log_dir", default="./output_dir", help="TensorBoard logs (rank 0)")
+    g.add_argument("--log_dir", default=None, help="TensorBoard logs (rank 0; default: --output_dir)")
     g.add_argument("--save_freq", default=20, type=int, help="keep checkpoint-<epoch>.pth every N epochs")
     g.add_argument("--save_every_iters", default=0, type=int,
                    help="also refresh checkpoint-last.pth every N optimizer updates (0: only at epoch ends)")
@@ -202,6 +202,8 @@ def check_range(args: argparse.Namespace, name: str, low: float, high: float, lo
 def check_common_args(args: argparse.Namespace) -> None:
     """Checks shared with main_linprobe.py: numbers, files and data folders. Machine-independent (it also runs on
     a login node before submission): device and amp are checked by `util.amp.resolve_machine` inside the job."""
+    if args.log_dir is None:
+        args.log_dir = args.output_dir  # TensorBoard beside the checkpoints, as pre-training does
     for name in ("epochs", "batch_size", "accum_iter", "print_freq", "save_freq", "nb_classes"):
         check_range(args, name, 1, math.inf)
     for name in ("num_workers", "save_every_iters", "max_bad_images"):

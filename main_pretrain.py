@@ -125,6 +125,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     system.add_argument("--start_epoch", default=0, type=int, help="first epoch (overridden by --resume)")
     system.add_argument("--num_workers", default=10, type=int, help="data-loading processes per GPU")
     system.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True, help="pin host memory")
+    system.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="MAE's spelling of --no-pin_mem")
     system.add_argument("--dist_url", default="env://", type=str, help="process-group init URL")
     system.add_argument("--save_freq", default=20, type=int, help="write checkpoint-<epoch>.pth every N epochs")
     system.add_argument("--save_every_iters", default=0, type=int,

@@ -43,7 +43,7 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def tiny_argv(data: Path, out: Path, ckpt: Path, *extra: str) -> list[str]:
-    return ["--data_path", str(data), "--output_dir", str(out), "--log_dir", str(out), "--finetune", str(ckpt),
+    return ["--data_path", str(data), "--output_dir", str(out), "--finetune", str(ckpt),
             "--nb_classes", "3", "--batch_size", "4", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0",
             "--device", "cpu", "--print_freq", "1", *extra]
 

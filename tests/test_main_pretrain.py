@@ -176,3 +176,9 @@ def test_a_batch_larger_than_the_dataset_is_an_error_not_an_empty_epoch(tmp_path
     with pytest.raises(ValueError, match=r"--batch_size 8 x 1 processes exceeds the 6 training images"):
         main_pretrain.main(tiny_args(data, tmp_path / "run", "--batch_size", "8"))
     assert not list((tmp_path / "run").glob("checkpoint-*.pth"))
+
+
+def test_maes_no_pin_mem_spelling_is_accepted(image_folder, tmp_path):
+    assert tiny_args(image_folder, tmp_path / "run", "--no_pin_mem").pin_mem is False
+    assert tiny_args(image_folder, tmp_path / "run", "--no-pin_mem").pin_mem is False
+    assert tiny_args(image_folder, tmp_path / "run").pin_mem is True
