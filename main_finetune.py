@@ -557,6 +557,7 @@ def execute(run: Run, checkpoint: Mapping[str, Any] | None, what: str) -> dict[s
         if args.eval:
             stats = run.evaluate()
             report(stats, f"{what} evaluation of {args.resume}")
+            write_eval_record(args, stats)
         else:
             stats = run.fit()
             report(stats, what)
@@ -565,17 +566,32 @@ def execute(run: Run, checkpoint: Mapping[str, Any] | None, what: str) -> dict[s
     return stats
 
 
+def write_eval_record(args: argparse.Namespace, stats: Mapping[str, float]) -> Path | None:
+    """--eval's own record, `eval_<UTC time>.json` beside the evaluated checkpoint (rank 0): the checkpoint, the
+    data, top-1/top-5, loss and image count, the git SHA. A training run's run_info.json is never touched."""
+    if not distributed.is_main_process():
+        return None
+    checkpoint = Path(args.resume).resolve()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    record = {"checkpoint": str(checkpoint), "data_path": args.data_path, "demo": args.demo, **dict(stats),
+              "git_sha": ckpt.git_sha(), "args": ckpt.plain_args(args)}
+    path = checkpoint.parent / f"eval_{stamp}.json"
+    path.write_text(json.dumps(record, indent=2))
+    logger.info("evaluation record: %s", path)
+    return path
+
+
 def setup_run(args: argparse.Namespace) -> torch.device:
     """Device and precision of this machine, process group, logging, lr, seed, output folder and run_info.json."""
     resolve_machine(args)  # on the machine that trains (in a SLURM job: the compute node)
     info = distributed.init_distributed(args.device, args.dist_url)
     if info.distributed and args.device.startswith("cuda"):
         args.device = f"cuda:{info.local_rank}"
-    setup_logging(args.output_dir)
+    setup_logging(None if args.eval else args.output_dir)  # --eval never writes into a training run's folder
     resolve_lr(args, info.world_size)
     seed_everything(args.seed + info.rank)
     configure_backends(args.device)  # attention kernels, TF32, cuDNN: chosen per device in one place
-    if args.output_dir:
+    if args.output_dir and not args.eval:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         ckpt.write_run_info(args)
     logger.info("args: %s", json.dumps(ckpt.plain_args(args)))

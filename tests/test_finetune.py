@@ -201,7 +201,7 @@ def test_evaluate_over_shards_equals_one_process():
     assert sum(s["loss"] * s["n"] for s in shards) == pytest.approx(whole["loss"] * 7)
 
 
-def test_finetune_end_to_end_checkpoints_logs_eval_and_resume(setup, tmp_path):
+def test_finetune_end_to_end_checkpoints_logs_eval_and_resume(setup, tmp_path, monkeypatch):
     data, ckpt = setup
     out = tmp_path / "run"
     stats = main_finetune.main(parse(*tiny_argv(data, out, ckpt), "--epochs", "2", "--save_freq", "1",
@@ -224,10 +224,22 @@ def test_finetune_end_to_end_checkpoints_logs_eval_and_resume(setup, tmp_path):
                                   "depth": 4, "num_heads": 4, "num_classes": 3, "drop_path_rate": 0.1,
                                   "global_pool": True}
 
+    run_info = (out / "run_info.json").read_text()
+    before = {p.name for p in out.iterdir()}
+    monkeypatch.chdir(tmp_path / "data")  # where the user typed the command
+    # --eval with the default --output_dir, as the README's line: its own record beside the checkpoint, no
+    # ./output_dir, and the training run's run_info.json untouched.
     evaluated = main_finetune.main(parse("--eval", "--resume", str(out / "checkpoint-last.pth"), "--data_path",
-                                         str(data), "--num_workers", "0", "--output_dir", "", "--log_dir", ""))
+                                         str(data), "--num_workers", "0", "--device", "cpu"))
     assert evaluated["acc1"] == lines[1]["test_acc1"]
     assert evaluated["loss"] == pytest.approx(lines[1]["test_loss"])
+    assert (out / "run_info.json").read_text() == run_info
+    records = [p for p in out.iterdir() if p.name not in before]
+    assert len(records) == 1 and records[0].name.startswith("eval_") and records[0].suffix == ".json"
+    record = json.loads(records[0].read_text())
+    assert record["checkpoint"] == str((out / "checkpoint-last.pth").resolve()) and record["data_path"] == str(data)
+    assert record["acc1"] == evaluated["acc1"] and "acc5" in record
+    assert not (tmp_path / "data" / "output_dir").exists()
 
     resumed_out = tmp_path / "resumed"  # the same experiment, one more epoch
     main_finetune.main(parse(*tiny_argv(data, resumed_out, ckpt), "--epochs", "3", "--save_freq", "1",
