@@ -122,15 +122,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     study.add_argument("--reinit_blocks", default=None, type=int,
                        help="Fig. 8: re-initialise the last K blocks, then fine-tune end to end")
 
-    add_common_args(parser, nb_classes=1000)
+    add_common_args(parser)
     return parser
 
 
-def add_common_args(parser: argparse.ArgumentParser, nb_classes: int) -> None:
+def add_common_args(parser: argparse.ArgumentParser) -> None:
     """Data, output, device, distributed and checkpoint flags shared with main_linprobe.py (MAE's names)."""
     g = parser.add_argument_group("Data and output")
     g.add_argument("--data_path", default=None, type=str, help="folder with train/ and val/ ImageFolder roots")
-    g.add_argument("--nb_classes", default=nb_classes, type=int, help="number of classes")
+    g.add_argument("--nb_classes", default=None, type=int,
+                   help="number of classes (default: the number of class folders in the training set)")
     g.add_argument("--demo", action="store_true",
                    help="train on the built-in digits from the demo pre-training checkpoint (CPU, about a minute)")
     g.add_argument("--no_aug", action="store_true",
@@ -142,7 +143,8 @@ def add_common_args(parser: argparse.ArgumentParser, nb_classes: int) -> None:
                    help="also refresh checkpoint-last.pth every N optimizer updates (0: only at epoch ends)")
     g.add_argument("--max_bad_images", default=None, type=int,
                    help="unreadable training images tolerated per epoch and rank (default: 1%% of the epoch)")
-    g.add_argument("--num_workers", default=10, type=int)
+    g.add_argument("--num_workers", default=None, type=int,
+                   help="data-loading processes per GPU (default: this task's CPUs - 2, decided in the job)")
     g.add_argument("--pin_mem", action="store_true", help="pin loader memory (default)")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     parser.set_defaults(pin_mem=True)
@@ -256,8 +258,9 @@ def resolve_architecture(args: argparse.Namespace, checkpoint: Mapping[str, Any]
     cfg = checkpoint.get("model_cfg") if checkpoint is not None else None
     if cfg is not None and args.resume:
         for key, flag in (("num_classes", "nb_classes"), ("global_pool", "global_pool")):
-            if key in cfg and getattr(args, flag) != cfg[key]:
+            if key in cfg and getattr(args, flag) not in (None, cfg[key]):
                 logger.warning("--%s %s replaced by the --resume checkpoint's %s", flag, getattr(args, flag), cfg[key])
+            if key in cfg:
                 setattr(args, flag, cfg[key])
     if cfg is not None:
         encoder = models_vit.encoder_config(cfg)
@@ -336,12 +339,26 @@ def build_datasets(
         val = build_image_folder(args.data_path, "val", val_transform)
         if train.classes != val.classes:
             raise ValueError(f"--data_path {args.data_path}: train/ and val/ have different class folders")
-    if len(train.classes) > args.nb_classes:
-        raise ValueError(f"--nb_classes {args.nb_classes} is smaller than the {len(train.classes)} classes found")
+    check_num_classes(args, len(train.classes))
     if not args.eval and len(train) < args.batch_size * distributed.get_world_size():
         raise ValueError(f"--batch_size {args.batch_size} x {distributed.get_world_size()} ranks exceeds the "
                          f"{len(train)} training images (the last incomplete batch is dropped)")
     return RobustSeededDataset(train, args.seed), val
+
+
+def check_num_classes(args: argparse.Namespace, found: int) -> None:
+    """--nb_classes from the training folders when not given; a given value that is smaller than the folders' count
+    stops the run, a larger one (a subset of a bigger label set) is allowed with a warning."""
+    if args.nb_classes is None:
+        args.nb_classes = found
+        logger.info("--nb_classes %d: the class folders of the training set", found)
+    elif found > args.nb_classes:
+        raise ValueError(f"--nb_classes {args.nb_classes} is smaller than the {found} classes found in the training "
+                         "set; leave --nb_classes out to take it from the folders")
+    elif found < args.nb_classes:
+        logger.warning("--nb_classes %d but the training set has %d class folders: %d logits never see a positive "
+                       "example (leave --nb_classes out to take it from the folders)", args.nb_classes, found,
+                       args.nb_classes - found)
 
 
 def build_loaders(args: argparse.Namespace, train: Dataset, val: Dataset) -> tuple[DataLoader, DataLoader, int | None]:
@@ -358,12 +375,13 @@ def build_loaders(args: argparse.Namespace, train: Dataset, val: Dataset) -> tup
         num_real = real_samples_on_rank(val_sampler)
     else:
         val_sampler = SequentialSampler(val)
-    # Workers ignore stop signals (the main process saves, then shuts them down); no persistent workers, so each
-    # epoch's workers see the dataset's new epoch. Own generators leave the global RNG to the model.
+    # Workers ignore stop signals (the main process saves, then shuts them down). Training workers persist across
+    # epochs: the epoch travels with the sampler's indices. Own generators leave the global RNG to the model.
     common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.startswith("cuda"),
                   worker_init_fn=ignore_stop_signals)
     train_loader = DataLoader(train, sampler=train_sampler, batch_size=args.batch_size, drop_last=True,
-                              generator=torch.Generator().manual_seed(args.seed), **common)
+                              generator=torch.Generator().manual_seed(args.seed),
+                              persistent_workers=args.num_workers > 0, **common)
     val_loader = DataLoader(val, sampler=val_sampler, batch_size=args.batch_size, drop_last=False,
                             generator=torch.Generator().manual_seed(args.seed), **common)
     return train_loader, val_loader, num_real

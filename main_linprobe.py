@@ -80,7 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="probe block K's raw output, average-pooled over patch tokens (1..depth; the encoder "
                         "stops at block K; overrides the pooling flags)")
 
-    ft.add_common_args(parser, nb_classes=1000)
+    ft.add_common_args(parser)
     return parser
 
 

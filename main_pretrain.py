@@ -123,7 +123,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="flags allowed to differ from the resumed checkpoint's run (e.g. epochs,blr); any "
                              "other result-changing difference stops the run")
     system.add_argument("--start_epoch", default=0, type=int, help="first epoch (overridden by --resume)")
-    system.add_argument("--num_workers", default=10, type=int, help="data-loading processes per GPU")
+    system.add_argument("--num_workers", default=None, type=int,
+                        help="data-loading processes per GPU (default: this task's CPUs - 2, decided in the job)")
     system.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True, help="pin host memory")
     system.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="MAE's spelling of --no-pin_mem")
     system.add_argument("--dist_url", default="env://", type=str, help="process-group init URL")
@@ -251,6 +252,7 @@ def build_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
         dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
         pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=True,
         worker_init_fn=ignore_stop_signals,  # SLURM signals loader workers too: only the main process reacts
+        persistent_workers=args.num_workers > 0,  # the epoch travels with the sampler's indices, not set_epoch
         generator=torch.Generator().manual_seed(args.seed),  # leaves the global RNG (masking noise) alone
     )
 

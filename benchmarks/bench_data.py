@@ -11,6 +11,7 @@ Fidelity: mean PSNR (dB, on 0..255 pixels) of our output against the reference's
     python benchmarks/bench_data.py                                  # 500x375 JPEGs, the issue's setting
     python benchmarks/bench_data.py --image_size 1000 750            # larger photos: the reduced decode kicks in
     python benchmarks/bench_data.py --loader_workers 2               # also a full DataLoader (collate included)
+                                                                     # and the epoch start: fresh vs persistent workers
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ from torchvision.transforms import InterpolationMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from util import fast_data as fd  # noqa: E402
-from util.datasets import IMAGENET_MEAN, IMAGENET_STD, demo_photos  # noqa: E402
+from util.datasets import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ResumableDistributedSampler,
+    RobustSeededDataset,
+    demo_photos,
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,9 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", default=3, type=int, help="timed passes over the folder per pipeline (median)")
     parser.add_argument("--psnr_images", default=100, type=int, help="images (one box each) for the PSNR")
     parser.add_argument("--loader_workers", default=0, type=int,
-                        help="also time a DataLoader with this many workers, batch 64 (0: skip)")
-    parser.add_argument("--gpu_decode", action="store_true",
-                        help="also time JpegBytesFolder + nvJPEG decode + crop-resize on CUDA (batches of 128)")
+                        help="also time a DataLoader with this many workers, batch 64, and the start of an epoch "
+                             "with fresh vs persistent workers (0: skip)")
     parser.add_argument("--seed", default=0, type=int)
     return parser
 
@@ -66,8 +72,6 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError("--loader_workers must be >= 0")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise ValueError(f"--data_dir {args.data_dir} is not a folder")
-    if args.gpu_decode and not torch.cuda.is_available():
-        raise ValueError("--gpu_decode needs CUDA, which this machine does not have")
 
 
 def make_folder(root: Path, num_images: int, size: tuple[int, int], quality: int, seed: int) -> Path:
@@ -129,21 +133,25 @@ def loader_rate(dataset: Dataset, workers: int, batch_size: int = 64) -> float:
     return n / (time.perf_counter() - start)
 
 
-def gpu_decode_rate(root: Path, input_size: int, batch_size: int = 128, repeats: int = 3) -> float:
-    """Images/s of the GPU path: bytes and boxes from one loader process, decode + crop-resize on the GPU."""
-    dataset = fd.JpegBytesFolder(root)
-    items = [dataset[i] for i in range(len(dataset))]  # file reading is timed by the CPU rows
-    batches = [fd.collate_jpeg(items[i:i + batch_size]) for i in range(0, len(items) - batch_size + 1, batch_size)]
-    if not batches:
-        raise ValueError(f"--num_images must be >= {batch_size} for --gpu_decode")
-    fd.decode_crop_resize(batches[0][0], batches[0][1], input_size)  # warm up nvJPEG
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        for jpegs, crops, _ in batches:
-            fd.decode_crop_resize(jpegs, crops, input_size)
-    torch.cuda.synchronize()
-    return repeats * len(batches) * batch_size / (time.perf_counter() - start)
+def epoch_start_seconds(dataset: Dataset, workers: int, persistent: bool, epochs: int = 3,
+                       batch_size: int = 64) -> float:
+    """Median seconds from the start of an epoch to its first batch, over the epochs after the first, with the
+    training scripts' sampler and dataset wrapper: workers forked again every epoch, or kept (`persistent`)."""
+    robust = RobustSeededDataset(dataset, seed=0)
+    sampler = ResumableDistributedSampler(robust, batch_size, num_replicas=1, rank=0, shuffle=True, seed=0,
+                                          drop_last=True)
+    loader = DataLoader(robust, sampler=sampler, batch_size=batch_size, drop_last=True, num_workers=workers,
+                        persistent_workers=persistent)
+    latencies = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        start = time.perf_counter()
+        batches = iter(loader)
+        next(batches)
+        latencies.append(time.perf_counter() - start)
+        for _ in batches:
+            pass
+    return statistics.median(latencies[1:])
 
 
 def fidelity(
@@ -186,12 +194,14 @@ def main(args: argparse.Namespace) -> None:
         rates = per_worker_rates(pipelines, args.repeats)
         fidelities = {s: fidelity(root, args.input_size, args.psnr_images, args.seed, s)
                       for s in (fd.DEFAULT_MIN_DCT_SCALE, 2)}
-        gpu_rate = gpu_decode_rate(root, args.input_size) if args.gpu_decode else None
-        loader = {}
+        loader, epoch_start = {}, {}
         if args.loader_workers:
             torch.set_num_threads(max(1, torch.get_num_threads()))
             for name, ds in pipelines.items():
                 loader[name] = loader_rate(ds, args.loader_workers)
+            default = pipelines[next(name for name in pipelines if name.startswith("ours"))]
+            epoch_start = {persistent: epoch_start_seconds(default, args.loader_workers, persistent)
+                           for persistent in (False, True)}
 
     base = next(iter(rates.values()))
     print(f"\n{len(next(iter(pipelines.values())))} JPEGs, {args.image_size[0]}x{args.image_size[1]} "
@@ -203,9 +213,9 @@ def main(args: argparse.Namespace) -> None:
     for name, rate in rates.items():
         row = f"| {name} | {rate:.0f} | {rate / base:.2f}x |"
         print(row + (f" {loader[name]:.0f} |" if loader else ""))
-    if gpu_rate is not None:
-        print(f"GPU decode ({torch.cuda.get_device_name()}): nvJPEG + crop-resize {gpu_rate:.0f} images/s "
-              f"(bytes and boxes from the loader)")
+    if epoch_start:
+        print(f"epoch start, {args.loader_workers} workers, ours (default), s to the first batch of epochs 1-2 "
+              f"(median): fresh workers {epoch_start[False]:.3f}, persistent workers {epoch_start[True]:.3f}")
     for min_scale, (mean_psnr, min_psnr, scales) in fidelities.items():
         print(f"PSNR ours (reduced decode from 1/{min_scale}) vs reference, identical boxes, {args.psnr_images} "
               f"images: mean {mean_psnr:.1f} dB, min {min_psnr:.1f} dB; decode scale used (1/s: crops) "

@@ -1,9 +1,11 @@
 """util/datasets.py: only decode/IO failures count as broken images, per-sample seeding leaves every global RNG
-(and CUDA's) alone and makes timm's fine-tuning augmentation reproducible, and DataLoader workers survive the
-signals SLURM sends every process of a job."""
+(and CUDA's) alone and makes timm's fine-tuning augmentation reproducible, the epoch travels with the sampler's
+indices (persistent workers see every epoch), DataLoader workers survive the signals SLURM sends every process of a
+job, the default worker count follows the job's CPUs, and device constants are made once."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -22,12 +24,19 @@ from torchvision import datasets
 from util import fast_data as fd
 from util.cls_data import build_image_folder, finetune_transform
 from util.datasets import (
+    IMAGENET_MEAN,
     DemoPhotos,
+    EpochIndex,
     GuardedLoader,
+    ResumableDistributedSampler,
     RobustSeededDataset,
     UnreadableImageError,
     build_pretrain_dataset,
+    default_num_workers,
+    denormalize,
+    device_constant,
     ignore_stop_signals,
+    normalize_on_device,
 )
 
 BUILDERS = {
@@ -201,7 +210,123 @@ def test_pretrain_crops_change_with_the_epoch_only():
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# 3. DataLoader workers ignore the stop signals
+# 3. The epoch travels with the sampler's indices: persistent workers
+# ------------------------------------------------------------------------------------------------------------------
+
+BATCH = 4
+
+
+def seeded_loader(dataset: Dataset, num_workers: int, persistent: bool) -> DataLoader:
+    """The training scripts' loader: shuffled per (seed, epoch), resumable, incomplete batch dropped."""
+    sampler = ResumableDistributedSampler(dataset, BATCH, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True)
+    return DataLoader(dataset, sampler=sampler, batch_size=BATCH, drop_last=True, num_workers=num_workers,
+                      persistent_workers=persistent)
+
+
+def run_epoch(loader: DataLoader, epoch: int, start_step: int = 0) -> dict[int, torch.Tensor]:
+    """One epoch (from `start_step`) as {dataset index: crop}; the epoch is given to the sampler only."""
+    loader.sampler.set_epoch(epoch)
+    loader.sampler.set_start_step(start_step)
+    keys = list(loader.sampler)  # what the loader's sampler iterator will yield (the same epoch and start step)
+    assert all(isinstance(key, EpochIndex) and key.epoch == epoch for key in keys)
+    loader.sampler.set_start_step(start_step)
+    assert len(loader) == len(keys) // BATCH
+    images = torch.cat([batch for batch, _, _ in loader])
+    assert len(images) == len(keys) // BATCH * BATCH
+    return {key.index: image for key, image in zip(keys, images)}
+
+
+def test_sampler_keys_equal_int_keys_with_set_epoch(image_folder):
+    dataset = RobustSeededDataset(fd.build_fast_pretrain_dataset(image_folder, 32), seed=0)
+    dataset.set_epoch(3)
+    by_int = [dataset[i][0] for i in range(4)]
+    dataset.set_epoch(0)  # an EpochIndex ignores the dataset's own epoch
+    assert all(torch.equal(dataset[EpochIndex(3, i)][0], by_int[i]) for i in range(4))
+    assert all(torch.equal(dataset[(3, i)][0], by_int[i]) for i in range(4))
+    with pytest.raises(TypeError, match="int index or an \\(epoch, index\\) pair"):
+        dataset[(3, 1, 2)]
+
+
+def test_persistent_workers_see_every_epoch(image_folder):
+    """With persistent workers and nothing but the sampler told the epoch, epoch 1's crops differ from epoch 0's
+    and equal, sample by sample, what a fresh non-persistent loader yields for epoch 1."""
+    dataset = RobustSeededDataset(fd.build_fast_pretrain_dataset(image_folder, 32), seed=0)
+    persistent = seeded_loader(dataset, num_workers=2, persistent=True)
+    epoch0, epoch1 = run_epoch(persistent, 0), run_epoch(persistent, 1)
+    workers = persistent._iterator._workers
+    fresh = run_epoch(seeded_loader(dataset, num_workers=0, persistent=False), 1)
+
+    assert dataset.epoch == 0  # the dataset was never told
+    assert sorted(epoch1) == sorted(fresh) and all(torch.equal(epoch1[i], fresh[i]) for i in fresh)
+    common = set(epoch0) & set(epoch1)
+    assert len(common) >= len(dataset) // 2
+    assert all(not torch.equal(epoch0[i], epoch1[i]) for i in common)
+    mid = run_epoch(persistent, 1, start_step=2)  # mid-epoch resume, same workers
+    assert persistent._iterator._workers == workers
+    order = [key.index for key in list(persistent.sampler)]  # epoch 1's order (start step was reset to 0)
+    assert list(mid) == order[2 * BATCH:len(fresh)]
+    assert all(torch.equal(mid[i], fresh[i]) for i in mid)
+
+
+def test_set_start_step_rejects_negative_steps(image_folder):
+    with pytest.raises(ValueError, match="start step must be >= 0"):
+        seeded_loader(DemoPhotos(32, 1), num_workers=0, persistent=False).sampler.set_start_step(-1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 4. Default worker count from the job's CPUs
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("machine", "affinity", "local_world", "expected"), [
+    (64, 64, None, 62),  # one process owns the machine
+    (64, 64, "8", 6),  # torchrun, 8 GPUs, no binding: the machine is shared
+    (96, 12, "8", 10),  # SLURM bound the task to its 12 cpus_per_task: as is
+    (2, 2, None, 0),  # never below 0
+    (8, 8, "16", 0),
+])
+def test_default_num_workers(monkeypatch, machine, affinity, local_world, expected):
+    monkeypatch.setattr(os, "cpu_count", lambda: machine)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
+    if local_world is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    assert default_num_workers() == expected
+
+
+def test_default_num_workers_without_affinity_and_bad_env(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # e.g. macOS
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_num_workers() == 6
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "zero")
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE must be a positive integer, got 'zero'"):
+        default_num_workers()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 5. Normalisation constants are made once per device
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_normalisation_constants_are_cached_and_exact():
+    assert device_constant(IMAGENET_MEAN, torch.device("cpu")) is device_constant(IMAGENET_MEAN, torch.device("cpu"))
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    normalised = normalize_on_device(images, "cpu")
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    assert torch.equal(normalised, (images.float() / 255 - mean) / std)
+    assert torch.allclose(denormalize(normalised), images.float() / 255, atol=1e-6)
+    with torch.inference_mode():  # a constant first made in inference mode still works with autograd later
+        device_constant((0.5, 0.25), torch.device("cpu"))
+    x = torch.ones(2, requires_grad=True)
+    (x * device_constant((0.5, 0.25), torch.device("cpu"))).sum().backward()
+    assert x.grad.tolist() == [0.5, 0.25]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 6. DataLoader workers ignore the stop signals
 # ------------------------------------------------------------------------------------------------------------------
 
 

@@ -285,3 +285,22 @@ def test_randaugment_zero_bit_posterize_gives_black_instead_of_raising():
     transform = finetune_transform(True, 32, aa="rand-m10-n4-inc1")  # magnitude 10 -> posterize keeps 0 bits
     for _ in range(40):
         assert transform(image).shape == (3, 32, 32)
+
+
+def test_nb_classes_comes_from_the_training_folders(setup, tmp_path, caplog):
+    data, ckpt = setup  # 3 class folders
+    transform = main_finetune.finetune_transform(False, 32)
+
+    def classes_after(*extra: str) -> int:
+        argv = [a for a in tiny_argv(data, tmp_path / "run", ckpt) if a not in ("--nb_classes", "3")]
+        args = parse(*argv, *extra)
+        main_finetune.resolve_args(args)
+        main_finetune.build_datasets(args, transform, transform)
+        return args.nb_classes
+
+    assert classes_after() == 3
+    with caplog.at_level("WARNING"):
+        assert classes_after("--nb_classes", "5") == 5
+    assert "training set has 3 class folders" in caplog.text
+    with pytest.raises(ValueError, match="--nb_classes 2 is smaller than the 3 classes"):
+        classes_after("--nb_classes", "2")

@@ -109,3 +109,18 @@ def test_bad_sizes_are_rejected():
         cell_histograms(torch.rand(1, 3, 20, 16))
     with pytest.raises(ValueError, match="gradient must be"):
         cell_histograms(torch.rand(1, 3, 16, 16), gradient="prewitt")
+
+
+def test_filter_kernels_and_window_are_made_once_per_device_and_dtype():
+    """No per-call host-to-device copy (a stream sync on a GPU): constants are cached, results unchanged."""
+    from util import hog as hog_module
+
+    pixels = torch.rand(2, 3, 32, 32) * 255
+    first = hog_targets(pixels, 16, window=16)
+    misses = hog_module._kernel.cache_info().misses, hog_module._tiled_window.cache_info().misses
+    with torch.inference_mode():
+        again = hog_targets(pixels, 16, window=16)
+    assert (hog_module._kernel.cache_info().misses, hog_module._tiled_window.cache_info().misses) == misses
+    assert torch.equal(first, again)
+    tiled = hog_module._tiled_window(16, 32, 32, torch.float32, torch.device("cpu"))
+    assert torch.equal(tiled, gaussian_window(16).repeat(2, 2)) and not tiled.is_inference()

@@ -161,8 +161,8 @@ def test_debug_cluster_trains_in_the_launcher(tmp_path, capsys):
     """submitit's debug executor runs only on result(): the launcher calls it, so --cluster debug trains."""
     data = write_image_folder(tmp_path / "images", 4)
     job = submitit_pretrain.main(["--data_path", str(data), *TINY_FLAGS, "--batch_size", "2", "--epochs", "1",
-                                  "--num_workers", "0", "--device", "cpu", "--cluster", "debug", "--nodes", "1",
-                                  "--ngpus", "1", "--job_dir", str(tmp_path / "%j")])
+                                  "--warmup_epochs", "0", "--num_workers", "0", "--device", "cpu", "--cluster", "debug",
+                                  "--nodes", "1", "--ngpus", "1", "--job_dir", str(tmp_path / "%j")])
     assert f"Submitted job {job.job_id}" in capsys.readouterr().out
     (folder,) = [path for path in tmp_path.iterdir() if path.name.startswith("debug_")]
     assert load_checkpoint(folder / "checkpoint-last.pth")["epoch"] == 0

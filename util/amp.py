@@ -129,12 +129,17 @@ def check_cuda_arch(device: str) -> None:
 
 
 def resolve_machine(args: argparse.Namespace) -> None:
-    """Fill `args.device` and `args.amp` in place for this machine, and check the GPU is usable by this torch.
+    """Fill `args.device`, `args.amp` (and `args.num_workers` when None) in place for this machine, and check the
+    GPU is usable by this torch.
 
     Called by every entry script's `main`, inside the job (on a SLURM compute node, not the login node)."""
     args.device = resolve_device(getattr(args, "device", None))
     check_cuda_arch(args.device)
     args.amp = resolve_amp(getattr(args, "amp", None), args.device)
+    if hasattr(args, "num_workers") and args.num_workers is None:
+        from util.datasets import default_num_workers
+
+        args.num_workers = default_num_workers()  # the CPUs this task has, less the main and pin-memory threads
     logger.info("device %s, amp %s", args.device, args.amp)
 
 

@@ -1,9 +1,12 @@
 """Pre-training data: MAE's augmentation (RandomResizedCrop 0.2-1, bicubic, flip), uint8 batches normalised on
-the device, ImageFolder datasets and the built-in demo set of real photographs."""
+the device, ImageFolder datasets, the built-in demo set of real photographs, reproducible sampling (the epoch travels
+with the sampler's indices, so DataLoader workers can persist) and the default worker count."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 import os
 import random
 import signal
@@ -11,7 +14,7 @@ import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -44,18 +47,44 @@ def pretrain_transform(input_size: int) -> transforms.Compose:
     ])
 
 
+def device_constant(values: tuple[float, ...], device: torch.device | str,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """A 1-D tensor of `values` on `device`, created once per (values, device, dtype) and then reused.
+
+    `torch.tensor(list, device="cuda")` in a training step copies from pageable host memory and waits for the
+    stream: a host sync per call. This copies once. The tensor is shared by every caller: never modify it in place.
+    It is a normal tensor even when first asked for under `torch.inference_mode()`.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" means the current device, which may change
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _cached_constant(tuple(values), device, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """`device_constant`'s cache, keyed by an indexed device."""
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.tensor(values, dtype=dtype).to(device)
+
+
+def imagenet_mean_std(device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """ImageNet mean and std as float32 (1, 3, 1, 1) tensors on `device`, cached (`device_constant`)."""
+    return (device_constant(IMAGENET_MEAN, device).view(1, 3, 1, 1),
+            device_constant(IMAGENET_STD, device).view(1, 3, 1, 1))
+
+
 def normalize_on_device(images: Tensor, device: torch.device | str, non_blocking: bool = True) -> Tensor:
-    """uint8 (N, 3, H, W) on the host -> float32 ImageNet-normalised on `device`."""
+    """uint8 (N, 3, H, W) on the host -> float32 ImageNet-normalised on `device` (no host sync after the first call:
+    the constants are cached on the device; pin the batch's memory for an asynchronous copy)."""
     images = images.to(device, non_blocking=non_blocking).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = imagenet_mean_std(images.device)
     return images.sub_(mean).div_(std)
 
 
 def denormalize(images: Tensor) -> Tensor:
-    """ImageNet-normalised (N, 3, H, W) -> [0, 1] for display."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    """ImageNet-normalised (N, 3, H, W) -> [0, 1] (float32 or wider) for display."""
+    mean, std = imagenet_mean_std(images.device)
     return (images * std + mean).clamp(0, 1)
 
 
@@ -180,10 +209,25 @@ def seeded_host_rngs(seed: int) -> Iterator[None]:
         np.random.set_state(numpy_state)
 
 
+class EpochIndex(NamedTuple):
+    """A sampler item that carries its epoch: `ResumableDistributedSampler` yields these, `RobustSeededDataset`
+    draws the sample's augmentation from (seed, epoch, index).
+
+    Persistent DataLoader workers hold a copy of the dataset made when they started, so an epoch set on the dataset
+    later (`set_epoch`) never reaches them; an epoch sent with every index does.
+    """
+
+    epoch: int
+    index: int
+
+
 class RobustSeededDataset(Dataset):
     """Wraps a dataset so that (1) each sample's augmentation is drawn from host RNGs seeded by (seed, epoch,
-    index) — the same crops whatever the worker count or the point a run resumed from — and (2) an unreadable
-    image is replaced by another sample, logged with its path and counted.
+    index) — the same crops whatever the worker count, whether workers persist, or the point a run resumed from —
+    and (2) an unreadable image is replaced by another sample, logged with its path and counted.
+
+    Keys: an `EpochIndex(epoch, index)` (what `ResumableDistributedSampler` yields: the epoch travels with the index,
+    which makes `persistent_workers=True` safe) or a plain int index, which uses the epoch given to `set_epoch`.
 
     Only `UnreadableImageError` counts as a broken file: build the wrapped dataset with a guarded loader
     (`build_pretrain_dataset`, `util.fast_data.build_fast_pretrain_dataset`, `GuardedLoader`). Any other error,
@@ -196,6 +240,7 @@ class RobustSeededDataset(Dataset):
         self.dataset, self.seed, self.epoch, self.max_retries = dataset, seed, 0, max_retries
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch of plain int keys (an `EpochIndex` carries its own). Not seen by workers that already run."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -205,12 +250,21 @@ class RobustSeededDataset(Dataset):
         samples = getattr(self.dataset, "samples", None)
         return samples[index][0] if samples is not None else f"item {index}"
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+    def _epoch_and_index(self, key: int | EpochIndex) -> tuple[int, int]:
+        """(epoch, index) of a key: an (epoch, index) pair, or an int index with the epoch set by set_epoch."""
+        if isinstance(key, tuple):
+            if len(key) != 2:
+                raise TypeError(f"a {type(self).__name__} key is an int index or an (epoch, index) pair, got {key!r}")
+            return operator.index(key[0]), operator.index(key[1])
+        return self.epoch, operator.index(key)
+
+    def __getitem__(self, key: int | EpochIndex) -> tuple[Tensor, int, int]:
+        epoch, index = self._epoch_and_index(key)
         length = len(self)
         for bad in range(self.max_retries + 1):
             candidate = (index + bad * 7919) % length  # a deterministic replacement (7919 is prime)
             try:
-                with seeded_host_rngs(sample_seed(self.seed, self.epoch, candidate, length)):
+                with seeded_host_rngs(sample_seed(self.seed, epoch, candidate, length)):
                     image, label = self.dataset[candidate]
                 return image, label, bad
             except UnreadableImageError as err:
@@ -238,20 +292,61 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler that can start part-way through an epoch (after `start_step` batches of this rank)."""
+    """DistributedSampler whose items carry their epoch, and that can start part-way through an epoch (after
+    `start_step` batches of this rank).
 
-    def __init__(self, dataset: Dataset, batch_size: int, **kwargs):
+    Yields `EpochIndex(epoch, index)`, for a dataset that accepts them (`RobustSeededDataset`): the epoch set with
+    `set_epoch` reaches the workers with every index, so the DataLoader may keep its workers across epochs
+    (`persistent_workers=True`). Call `set_epoch` (and `set_start_step`) before iterating the loader.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, **kwargs: Any):
         super().__init__(dataset, **kwargs)
         self.batch_size, self.start_step = batch_size, 0
 
     def set_start_step(self, step: int) -> None:
         """Skip the first `step` batches of the next epoch iterated (reset to 0 after one epoch)."""
+        if step < 0:
+            raise ValueError(f"start step must be >= 0, got {step}")
         self.start_step = step
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[EpochIndex]:
         indices = list(super().__iter__())
         skip, self.start_step = self.start_step * self.batch_size, 0
-        return iter(indices[skip:])
+        return iter([EpochIndex(self.epoch, index) for index in indices[skip:]])
 
     def __len__(self) -> int:
         return self.num_samples - self.start_step * self.batch_size
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Loader processes
+# ------------------------------------------------------------------------------------------------------------------
+
+# Busy threads of a training process besides its loader workers: the main process and the pin-memory thread.
+MAIN_PROCESS_THREADS = 2
+
+
+def default_num_workers() -> int:
+    """DataLoader workers per training process from the CPUs this process may run on.
+
+    The CPUs are those of `os.sched_getaffinity(0)`. When that is the whole machine (torchrun, or SLURM without
+    CPU binding), the processes of this node share it: divided by LOCAL_WORLD_SIZE (1 when unset). When it is a
+    subset (SLURM bound the task to its --cpus-per-task), it is this process's own. Minus the main process and the
+    pin-memory thread, at least 0 (0: load in the main process).
+    """
+    machine = os.cpu_count() or 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else machine
+    if cpus >= machine:
+        cpus //= _local_world_size()
+    return max(0, cpus - MAIN_PROCESS_THREADS)
+
+
+def _local_world_size() -> int:
+    """Training processes on this node: LOCAL_WORLD_SIZE (torchrun, util/submit.py), 1 when unset."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    if not value:
+        return 1
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"LOCAL_WORLD_SIZE must be a positive integer, got {value!r}")
+    return int(value)

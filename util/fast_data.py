@@ -15,10 +15,9 @@ filter, and converts to a normalised float32 tensor in the loader. Here, for the
 4. The loader returns uint8 (3, H, W); `util.datasets.normalize_on_device` normalises on the device (4x less to
    collate and copy than float32).
 
-Optional CUDA path (`--gpu_decode` style): `JpegBytesFolder` returns the raw JPEG bytes and the crop box and flip
-(drawn as above), `collate_jpeg` batches them, and `decode_crop_resize(..., device="cuda")` decodes the batch with
-nvJPEG (`torchvision.io.decode_jpeg(list, device="cuda")`) and crop-resizes on the GPU. The loader then only reads
-files. The same function runs on the CPU, which is how the tests check its box and flip logic.
+Decoding happens on the CPU, in the loader workers: the GPU (nvJPEG) path was removed, as it was used by no run and
+would have needed a per-image CPU fallback (CMYK JPEGs, PNGs named .JPEG) and its own seeded crops (see
+benchmarks/RESULTS.md).
 
 Broken files: reading and decoding (never the crop, resize or flip) are guarded, so an unreadable, truncated or
 non-image file raises `util.datasets.UnreadableImageError`, the one error `RobustSeededDataset` replaces and counts.
@@ -36,7 +35,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torchvision import datasets
@@ -104,15 +102,15 @@ def dct_scale(crop_height: int, crop_width: int, out_height: int, out_width: int
     return 1
 
 
-def _decode_jpeg(data: Tensor | list[Tensor], device: torch.device | str = "cpu") -> Tensor | list[Tensor]:
-    """torchvision's JPEG decoder (libjpeg-turbo on the CPU, nvJPEG on CUDA) to RGB uint8 (3, H, W).
+def _decode_jpeg(data: Tensor) -> Tensor:
+    """torchvision's JPEG decoder (libjpeg-turbo) of the file bytes `data` to RGB uint8 (3, H, W).
 
     torchvision 0.29 deprecates its decoders in favour of TorchCodec's (the same libraries); they still work, and
     this function is the one place to switch when they are removed. The per-call warning is silenced here.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return decode_jpeg(data, mode=ImageReadMode.RGB)
 
 
 def open_header(data: bytes) -> Image.Image:
@@ -246,70 +244,6 @@ def build_fast_pretrain_dataset(
         str(_image_root(data_path)), transform=FastRandomResizedCrop(input_size, min_dct_scale=min_dct_scale),
         loader=GuardedLoader(read_bytes),
     )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Optional GPU decoding: the loader reads bytes and draws boxes; the device decodes, crops and resizes.
-# --------------------------------------------------------------------------------------------------------------
-
-
-class JpegBytesFolder(datasets.ImageFolder):
-    """ImageFolder whose items are (jpeg: uint8 (B,) raw file bytes, crop: int64 (5,) [top, left, h, w, flip], label).
-
-    The crop and flip are drawn with `sample_crop` from the JPEG header, as `FastRandomResizedCrop` draws them.
-    Batch with `collate_jpeg`; decode with `decode_crop_resize` on the device. An unreadable file or one without an
-    image header raises `UnreadableImageError`; a file truncated after its header only fails in the batch decode.
-    """
-
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        scale: Sequence[float] = PRETRAIN_SCALE,
-        ratio: Sequence[float] = PRETRAIN_RATIO,
-        flip_p: float = 0.5,
-    ):
-        super().__init__(str(_image_root(root)), loader=read_bytes)
-        self.scale, self.ratio, self.flip_p = tuple(scale), tuple(ratio), flip_p
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
-        path, label = self.samples[index]
-        with unreadable_as_error(path):
-            data = read_bytes(path)
-            width, height = open_header(data).size
-        crop = sample_crop(width, height, self.scale, self.ratio, self.flip_p)
-        jpeg = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return jpeg, torch.tensor(crop, dtype=torch.int64), label
-
-
-def collate_jpeg(batch: Sequence[tuple[Tensor, Tensor, int]]) -> tuple[list[Tensor], Tensor, Tensor]:
-    """[(jpeg, crop, label)] -> (list of N byte tensors, crops (N, 5), labels (N,)); the bytes differ in length."""
-    jpegs, crops, labels = zip(*batch)
-    return list(jpegs), torch.stack(crops), torch.tensor(labels)
-
-
-def decode_crop_resize(
-    jpegs: Sequence[Tensor], crops: Tensor, size: int | Sequence[int], device: torch.device | str = "cuda"
-) -> Tensor:
-    """Decode a batch of JPEGs on `device` and crop, resize (bicubic, antialiased) and flip each one.
-
-    jpegs: N uint8 1-D tensors of file bytes (host); crops: (N, 5) [top, left, h, w, flip] in full-size pixels.
-    Returns uint8 (N, 3, H, W) on `device`, ready for `normalize_on_device`. On CUDA the decode is one batched
-    nvJPEG call; the resize runs in float32 (the uint8 antialiased kernel is CPU-only) and is rounded back.
-    """
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    device = torch.device(device)
-    if len(jpegs) != crops.shape[0] or crops.shape[1:] != (5,):
-        raise ValueError(
-            f"need one [top, left, h, w, flip] row per image: {len(jpegs)} images, crops {tuple(crops.shape)}"
-        )
-    images = _decode_jpeg(list(jpegs), device=device)
-    out = torch.empty(len(images), 3, *size, dtype=torch.uint8, device=device)
-    for i, (image, (top, left, h, w, flip)) in enumerate(zip(images, crops.tolist())):
-        region = image[None, :, top : top + h, left : left + w].float()
-        resized = F.interpolate(region, size=size, mode="bicubic", align_corners=False, antialias=True)
-        resized = resized.round_().clamp_(0, 255)[0]
-        out[i] = resized.flip(-1) if flip else resized
-    return out
 
 
 def psnr(a: Tensor, b: Tensor, peak: float = 255.0) -> float:

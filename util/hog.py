@@ -17,6 +17,7 @@ Conventions (fixed so that `skimage.feature.hog` is an independent reference, se
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -51,12 +52,20 @@ def image_gradients(pixels: Tensor, gradient: GradientKind = "sobel") -> tuple[T
         raise ValueError(f"gradient must be one of {', '.join(_GRADIENTS)}, got {gradient!r}")
     n, c, h, w = pixels.shape
     x = pixels.reshape(n * c, 1, h, w)
-    derivative = torch.tensor(_DERIVATIVE, dtype=pixels.dtype, device=pixels.device)
+    derivative = _kernel(_DERIVATIVE, pixels.dtype, pixels.device)
     g_row, g_col = _filter_rows(x, derivative), _filter_cols(x, derivative)
     if gradient == "sobel":  # smooth each derivative across its direction
-        smoothing = torch.tensor(_SOBEL_SMOOTHING, dtype=pixels.dtype, device=pixels.device)
+        smoothing = _kernel(_SOBEL_SMOOTHING, pixels.dtype, pixels.device)
         g_row, g_col = _filter_cols(g_row, smoothing), _filter_rows(g_col, smoothing)
     return g_row.reshape(n, c, h, w), g_col.reshape(n, c, h, w)
+
+
+@functools.lru_cache(maxsize=32)
+def _kernel(taps: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A filter kernel on `device`, copied there once and then reused (no host-to-device copy, hence no stream
+    sync, per call). Shared: never modify it in place."""
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.tensor(taps, dtype=dtype).to(device)
 
 
 def _filter_rows(x: Tensor, kernel: Tensor) -> Tensor:
@@ -75,6 +84,14 @@ def gaussian_window(size: int, dtype: torch.dtype = torch.float32, device: torch
     g = torch.exp(-0.5 * ((n - n.mean()) / (size // 2)) ** 2)
     window = torch.outer(g, g)
     return window / window.sum()
+
+
+@functools.lru_cache(maxsize=32)
+def _tiled_window(size: int, height: int, width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """`gaussian_window(size)` tiled over a height x width image, computed once per shape, dtype and device.
+    Shared: never modify it in place."""
+    with torch.inference_mode(False), torch.no_grad():
+        return gaussian_window(size, dtype, device).repeat(height // size, width // size)
 
 
 def cell_histograms(
@@ -97,7 +114,7 @@ def cell_histograms(
     if window is not None:
         if h % window or w % window:
             raise ValueError(f"image size {h}x{w} is not a multiple of the {window}-pixel Gaussian window")
-        magnitude = magnitude * gaussian_window(window, pixels.dtype, pixels.device).repeat(h // window, w // window)
+        magnitude = magnitude * _tiled_window(window, h, w, pixels.dtype, pixels.device)
     angle = torch.rad2deg(torch.atan2(g_row, g_col)).remainder(180.0)  # unsigned orientation in [0, 180)
     index = torch.floor(angle / (180.0 / bins)).long() % bins  # the modulo folds a rounded 180.0 back to bin 0
     votes = magnitude.new_zeros(n, c, bins, h, w).scatter_(2, index.unsqueeze(2), magnitude.unsqueeze(2))

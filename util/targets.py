@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from models_deepmim import LossType
-from util.datasets import IMAGENET_MEAN, IMAGENET_STD
+from util.datasets import imagenet_mean_std
 from util.hog import HOG_CELL, hog_dim, hog_targets
 from util.patches import normalize_patches, patchify
 from util.teachers import FrozenTeacher, build_teacher
@@ -79,8 +79,7 @@ class HogTarget:
 
     @torch.no_grad()
     def __call__(self, imgs: Tensor) -> Tensor:
-        mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)
+        mean, std = imagenet_mean_std(imgs.device)  # cached on the device: no host copy per step
         with torch.autocast(imgs.device.type, enabled=False):  # angles and bins need full precision
             pixels = (imgs.float() * std + mean).mul_(255).round_()
             return hog_targets(pixels, self.patch_size, window=self.patch_size)
