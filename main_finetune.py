@@ -44,6 +44,14 @@ from util import checkpoint as ckpt
 from util import distributed
 from util.amp import AMP_CHOICES, configure_backends, resolve_machine
 from util.cls_data import DigitsDemo, build_image_folder, check_classification_folders, finetune_transform
+from util.config import (
+    add_config_args,
+    add_global_batch_arg,
+    apply_global_batch,
+    config_yaml,
+    maybe_print_config,
+    parse_with_config,
+)
 from util.datasets import ResumableDistributedSampler, RobustSeededDataset, ignore_stop_signals
 from util.misc import append_json_log, make_log_writer, seed_everything, setup_logging
 from util.preemption import GracefulStop
@@ -168,6 +176,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dist_eval", action="store_true", help="shard evaluation over ranks (exact, padding skipped)")
     g.add_argument("--dist_url", default="env://", help="process-group URL (MAE)")
     add_compile_args(g)
+    add_global_batch_arg(g)
+    add_config_args(parser)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -606,13 +616,14 @@ def setup_run(args: argparse.Namespace) -> torch.device:
     if info.distributed and args.device.startswith("cuda"):
         args.device = f"cuda:{info.local_rank}"
     setup_logging(None if args.eval else args.output_dir)  # --eval never writes into a training run's folder
+    apply_global_batch(args, info.world_size)  # a config's global batch: --accum_iter for this world size
     resolve_lr(args, info.world_size)
     seed_everything(args.seed + info.rank)
     configure_backends(args.device)  # attention kernels, TF32, cuDNN: chosen per device in one place
     if args.output_dir and not args.eval:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         ckpt.write_run_info(args)
-    logger.info("args: %s", json.dumps(ckpt.plain_args(args)))
+    logger.info("resolved arguments (a file --config accepts):\n%s", config_yaml(args))
     return torch.device(args.device)
 
 
@@ -644,9 +655,10 @@ def parse_and_resolve(
     parser: argparse.ArgumentParser, resolve: Callable[[argparse.Namespace], Any], argv: list[str] | None = None
 ) -> tuple[argparse.Namespace, Any]:
     """Parse the command line and resolve it; a ValueError exits with status 2 and its message (naming the flag)."""
-    args = parser.parse_args(argv)
+    args = parse_with_config(parser, argv)
     try:
         checkpoint = resolve(args)
+        maybe_print_config(args, lambda _: None, parser)  # resolve() has validated
     except ValueError as err:
         parser.error(str(err))
     return args, checkpoint

@@ -29,6 +29,14 @@ from engine_pretrain import TargetsFn, train_one_epoch
 from util import checkpoint as ckpt
 from util import distributed, targets
 from util.amp import configure_backends, resolve_machine
+from util.config import (
+    add_config_args,
+    add_global_batch_arg,
+    apply_global_batch,
+    config_yaml,
+    maybe_print_config,
+    parse_with_config,
+)
 from util.datasets import (
     DemoPhotos,
     ResumableDistributedSampler,
@@ -65,6 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch_size", default=64, type=int, help="images per process per step (paper: 4096 total)")
     run.add_argument("--epochs", default=1600, type=int, help="paper Tab. 2: 1600; ablations: 300")
     run.add_argument("--accum_iter", default=1, type=int, help="steps of gradient accumulation per update")
+    add_global_batch_arg(run)
     run.add_argument("--demo", action="store_true", help="tiny DeepMIM on built-in photographs; see DEMO_SETTINGS")
 
     model = parser.add_argument_group("Model")
@@ -137,6 +146,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_compile_args(system)
     system.add_argument("--vis_freq", default=20, type=int,
                         help="log a reconstruction grid to TensorBoard every N epochs (0: never)")
+    add_config_args(parser)
     return parser
 
 
@@ -161,7 +171,7 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser | Non
     return args
 
 
-def validate_args(args: argparse.Namespace) -> None:
+def validate_args(args: argparse.Namespace, check_data: bool = True) -> None:
     """Raise ValueError naming the flag for any argument that cannot work. Runs before any model or data, and on
     a login node before submission: nothing here depends on the machine (device and amp may still be None)."""
     if args.model not in models_deepmim.MODELS:
@@ -195,7 +205,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--save_every_iters and --max_bad_images must be >= 0")
     if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
         raise ValueError(f"--resume {args.resume}: no such file")
-    if not args.demo:
+    if not args.demo and check_data:
         if args.data_path is None:
             raise ValueError("--data_path is required (or use --demo for the built-in photographs)")
         check_image_folder(args.data_path)
@@ -311,8 +321,10 @@ def main(args: argparse.Namespace) -> RunResult:
     validate_args(args)
     resolve_machine(args)  # device and amp of this machine (in a SLURM job: the compute node)
     dist_info = distributed.init_distributed(args.device, args.dist_url)
+    apply_global_batch(args, dist_info.world_size)  # a config's global batch: --accum_iter for this world size
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     setup_logging(args.output_dir)
+    logger.info("resolved arguments (a file --config accepts):\n%s", config_yaml(args))
     seed_everything(args.seed + dist_info.rank)
     device = torch.device(args.device, dist_info.local_rank) if args.device == "cuda" else torch.device(args.device)
 
@@ -411,12 +423,23 @@ def _save(model, optimizer, scaler, args: argparse.Namespace, writer: ckpt.Backg
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate; bad arguments exit with status 2 and a message naming the flag."""
     parser = argparse.ArgumentParser("DeepMIM pre-training", parents=[get_args_parser()])
-    args = resolve_args(parser.parse_args(argv), parser)
+    args = resolve_args(parse_with_config(parser, argv), parser)
     try:
+        maybe_print_config(args, partial(validate_args, check_data=False), parser)  # --print_config: no data read
         validate_args(args)
     except ValueError as err:
         parser.error(str(err))
+    warn_without_norm_pix(args)
     return args
+
+
+def warn_without_norm_pix(args: argparse.Namespace) -> None:
+    """MAE's parser leaves --norm_pix_loss off, but its recipe (and the paper's, and every file in configs/) uses
+    it: say so when a hand-assembled pixel-target run starts without it."""
+    if args.target == "pixel" and not args.norm_pix_loss and args.config is None and not args.demo:
+        logging.getLogger("main_pretrain").warning(
+            "pixel targets without --norm_pix_loss: MAE's and the paper's recipes normalise each target patch; "
+            "use a file from configs/pretrain/ or add --norm_pix_loss")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ job folder (`--resume auto`), with no change of flags. The job asks for --ngpus 
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import main_pretrain
 from util import submit
+from util.config import derive_accum_iter, maybe_print_config, parse_with_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -21,10 +23,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     as given (None by default) and are resolved inside the job, on the compute node."""
     parser = argparse.ArgumentParser("Submitit for DeepMIM pre-training", parents=[main_pretrain.get_args_parser()])
     submit.add_launcher_args(parser)
-    args = main_pretrain.resolve_args(parser.parse_args(argv), parser)
+    args = main_pretrain.resolve_args(parse_with_config(parser, argv), parser)
     try:
         submit.validate_launcher_args(args)
+        maybe_print_config(args, partial(main_pretrain.validate_args, check_data=False), parser)
         main_pretrain.validate_args(args)
+        if args.global_batch_size is not None:  # fail now, not after the queue: the job derives --accum_iter
+            derive_accum_iter(args.global_batch_size, args.batch_size, args.nodes * args.ngpus)
     except ValueError as err:
         parser.error(str(err))
     return args

@@ -375,3 +375,11 @@ def test_a_process_under_umask_022_writes_0644(tmp_path):
             f"c.save_atomic({{'epoch': 0}}, {str(tmp_path / 'ckpt.pth')!r})")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     assert stat.S_IMODE((tmp_path / "ckpt.pth").stat().st_mode) == 0o644
+
+
+def test_the_same_global_batch_split_otherwise_is_not_a_change():
+    saved = {"global_batch_size": 4096, "batch_size": 128, "accum_iter": 1, "blr": 1.5e-4}
+    moved = argparse.Namespace(global_batch_size=4096, batch_size=64, accum_iter=4, blr=1.5e-4)
+    assert ckpt.changed_settings(saved, moved) == {}
+    other = argparse.Namespace(global_batch_size=2048, batch_size=64, accum_iter=4, blr=1.5e-4)
+    assert set(ckpt.changed_settings(saved, other)) == {"global_batch_size", "batch_size", "accum_iter"}

@@ -1,7 +1,9 @@
-"""tools/export_encoder.py: the exported file loads in timm with no missing keys and gives our features."""
+"""tools/export_encoder.py: the exported file and the --hub_dir folder load in timm with no missing keys and give
+our features."""
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from test_finetune import pretrain_checkpoint
 import models_vit
 from tools import export_encoder
 from util.checkpoint import load_checkpoint, save_atomic
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD
 
 TIMM_TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4)
 
@@ -83,3 +86,86 @@ def test_command_line_and_refusals(tmp_path):
     save_atomic({"model": {}, "model_cfg": {"name": "vit_small_patch16", "probe_block": 2}}, probe)
     with pytest.raises(ValueError, match="block 2"):
         export_encoder.export(str(probe), str(tmp_path / "p.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --hub_dir: timm's Hub layout, rebuilt by timm.create_model('local-dir:DIR') with no architecture arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def local_dir_model(hub_dir, caplog):
+    with caplog.at_level(logging.INFO, logger="timm"):
+        model = timm.create_model(f"local-dir:{hub_dir}", pretrained=True)
+    assert not [r for r in caplog.records if "Missing keys" in r.message or "Unexpected keys" in r.message]
+    return model.eval()
+
+
+def test_hub_dir_encoder_rebuilds_from_local_dir_with_our_features(tmp_path, caplog):
+    ckpt = pretrain_checkpoint(tmp_path / "pretrain.pth")
+    hub = tmp_path / "hub"
+    exported = export_encoder.export(str(ckpt), None, str(hub))
+    assert sorted(p.name for p in hub.iterdir()) == ["config.json", "model.safetensors"]
+    cfg = json.loads((hub / "config.json").read_text())
+    assert cfg["architecture"] == "vit_small_patch16_224" and cfg["num_classes"] == 0
+    assert {k: cfg["model_args"][k] for k in ("patch_size", "embed_dim", "depth", "num_heads")} == \
+        {k: v for k, v in TIMM_TINY.items() if k != "img_size"}
+    assert not {"tag", "license", "hf_hub_id", "url"} & set(cfg["pretrained_cfg"])  # nothing of timm's own weights
+
+    model = local_dir_model(hub, caplog)
+    assert set(model.state_dict()) == set(exported) == set(load_file(hub / "model.safetensors"))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, exported[key]), key
+    data = timm.data.resolve_data_config({}, model=model)  # MAE's evaluation preprocessing travels with it
+    assert data["input_size"] == (3, 32, 32) and data["interpolation"] == "bicubic" and data["crop_pct"] == 0.875
+    assert tuple(data["mean"]) == IMAGENET_MEAN and tuple(data["std"]) == IMAGENET_STD
+
+    ours = models_vit.create_classifier("vit_small_patch16", **TIMM_TINY, num_classes=0, global_pool=False).eval()
+    models_vit.load_encoder_weights(ours, load_checkpoint(ckpt))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ours(x))
+
+
+def test_hub_dir_finetuned_classifier_keeps_head_and_pooling(tmp_path, caplog):
+    torch.manual_seed(0)
+    classifier = models_vit.create_classifier("vit_small_patch16", **TIMM_TINY, num_classes=5, global_pool=True)
+    torch.nn.init.normal_(classifier.head.weight)
+    ckpt = tmp_path / "checkpoint-best.pth"
+    save_atomic({"model": classifier.state_dict(), "model_cfg": classifier.config, "epoch": 3}, ckpt)
+    hub = tmp_path / "hub"
+    export_encoder.export(str(ckpt), str(tmp_path / "classifier.safetensors"), str(hub))  # both outputs
+    model = local_dir_model(hub, caplog)
+    assert model.num_classes == 5 and model.global_pool == "avg"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), classifier.eval()(x))
+
+
+def test_hub_dir_of_a_released_checkpoint_without_model_cfg(tmp_path, caplog):
+    """MAE's / DeepMIM's released files hold only weights: heads come from the registry size that fits."""
+    torch.manual_seed(0)
+    encoder = models_vit.create_classifier("vit_small_patch16", img_size=32, num_classes=0, global_pool=False)
+    released = tmp_path / "mae_pretrain_vit_small.pth"
+    save_atomic({"model": encoder.state_dict()}, released)
+    hub = tmp_path / "hub"
+    export_encoder.export(str(released), None, str(hub))
+    model = local_dir_model(hub, caplog)
+    assert len(model.blocks) == 12 and model.blocks[0].attn.num_heads == 6
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), encoder.eval()(x))
+    tiny = tmp_path / "tiny.pth"
+    save_atomic({"model": models_vit.create_classifier("vit_small_patch16", **TIMM_TINY).state_dict()}, tiny)
+    with pytest.raises(ValueError, match="number of heads is unknown"):
+        export_encoder.export(str(tiny), None, str(tmp_path / "hub2"))
+
+
+def test_command_line_hub_dir(tmp_path):
+    ckpt = pretrain_checkpoint(tmp_path / "pretrain.pth")
+    hub = tmp_path / "hub"
+    run = subprocess.run([sys.executable, "tools/export_encoder.py", str(ckpt), "--hub_dir", str(hub)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and (hub / "config.json").is_file() and "local-dir:" in run.stderr, run.stderr
+    none = subprocess.run([sys.executable, "tools/export_encoder.py", str(ckpt)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert none.returncode == 2 and "--hub_dir" in none.stderr

@@ -1,11 +1,17 @@
-"""Export a checkpoint's ViT encoder to safetensors with timm's key names.
+"""Export a checkpoint's ViT encoder to safetensors with timm's key names, and/or to a folder in timm's Hub layout.
 
     python tools/export_encoder.py output_dir/checkpoint-last.pth deepmim_vit_base.safetensors
+    python tools/export_encoder.py output_dir/checkpoint-last.pth --hub_dir deepmim_vit_base
 
 Then, anywhere timm is used:
 
     timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=0,
                       pretrained_cfg_overlay=dict(file="deepmim_vit_base.safetensors"))
+    timm.create_model("local-dir:deepmim_vit_base", pretrained=True)  # no architecture arguments needed
+
+`--hub_dir` writes timm's own Hub layout with `timm.models.save_for_hf` (config.json: architecture, model_args,
+pretrained_cfg with MAE's evaluation preprocessing; model.safetensors), so the folder can also be uploaded to a
+model hub unchanged and loaded with `timm.create_model("hf-hub:USER/NAME", pretrained=True)`.
 
 Accepts this project's pre-training, fine-tuning and linear-probing checkpoints, MAE's released
 `mae_pretrain_vit_*.pth` and the released DeepMIM checkpoints. Decoders, teachers and generators are dropped.
@@ -29,16 +35,28 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import timm  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 import models_vit  # noqa: E402
 from util.checkpoint import load_checkpoint  # noqa: E402
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 logger = logging.getLogger("export_encoder")
 
 LINPROBE_HEAD_PREFIX = ("head.0.", "head.1.")  # BatchNorm1d + Linear of main_linprobe.py
+# Our classifier names -> the timm architecture with the same blocks (qkv bias, LayerNorm eps 1e-6, MLP ratio 4).
+TIMM_ARCHITECTURES = {
+    "vit_small_patch16": "vit_small_patch16_224",
+    "vit_base_patch16": "vit_base_patch16_224",
+    "vit_large_patch16": "vit_large_patch16_224",
+    "vit_huge_patch14": "vit_huge_patch14_224",
+}
+# pretrained_cfg entries of timm's default weights that do not describe ours (their source, tag and licence).
+FOREIGN_CFG_KEYS = ("url", "hf_hub_id", "hf_hub_filename", "file", "source", "tag", "license", "label_names",
+                    "label_descriptions", "notes", "paper_ids", "paper_name", "origin_url")
 
 
 def export_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -63,52 +81,99 @@ def export_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
     return out
 
 
-def timm_call(state: Mapping[str, Tensor], out_path: str) -> str:
-    """The `timm.create_model(...)` call that loads the exported file (for the log)."""
+def timm_architecture(state: Mapping[str, Tensor], model_cfg: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """The timm architecture name and `create_model` arguments that hold `state` exactly.
+
+    Sizes come from the tensors; the number of heads (invisible in the weights) from the checkpoint's "model_cfg",
+    else from the registry size with the same patch, width and depth (MAE's and DeepMIM's released files).
+    """
     dim = state["cls_token"].shape[-1]
     patch = state["patch_embed.proj.weight"].shape[-1]
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    grid = state["pos_embed"].shape[1] - 1
-    img = int(round(grid**0.5)) * patch
-    kwargs = [f"pretrained_cfg_overlay=dict(file={out_path!r}"]
-    if "head.weight" in state:
-        classes = state["head.weight"].shape[0]
-        kwargs[0] += f", num_classes={classes})"
-        kwargs.append(f"num_classes={classes}")
-    else:
-        kwargs[0] += ")"
-        kwargs.append("num_classes=0")
-    if "fc_norm.weight" in state:
-        kwargs.append("global_pool='avg'")
-    kwargs.append(f"img_size={img}, patch_size={patch}, embed_dim={dim}, depth={depth}, num_heads=<as pre-trained>")
-    return f"timm.create_model('vit_base_patch16_224', pretrained=True, {', '.join(kwargs)})"
+    img = int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) * patch
+    sizes = dict(patch_size=patch, embed_dim=dim, depth=depth)
+    name = models_vit.encoder_config(model_cfg)["name"] if model_cfg and model_cfg.get("name") else None
+    heads = models_vit.encoder_config(model_cfg)["num_heads"] if name else None
+    if name is None or heads is None:
+        same = [n for n, s in models_vit.VIT_SIZES.items() if s[:3] == (patch, dim, depth)]
+        if not same:
+            raise ValueError(f"no stored model_cfg and no registered ViT with patch {patch}, width {dim}, depth "
+                             f"{depth}: the number of heads is unknown")
+        name, heads = same[0], models_vit.VIT_SIZES[same[0]][3]
+    kwargs = dict(img_size=img, **sizes, num_heads=heads,
+                  num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
+                  global_pool="avg" if "fc_norm.weight" in state else "token")
+    return TIMM_ARCHITECTURES[name], kwargs
 
 
-def export(checkpoint_path: str, out_path: str) -> dict[str, Tensor]:
-    """Read `checkpoint_path` (weights_only), write its encoder to `out_path` (safetensors); return what was written."""
+def timm_call(state: Mapping[str, Tensor], out_path: str, model_cfg: Mapping[str, Any] | None = None) -> str:
+    """The `timm.create_model(...)` call that loads the exported file (for the log)."""
+    arch, kwargs = timm_architecture(state, model_cfg)
+    overlay = f"dict(file={out_path!r}, num_classes={kwargs['num_classes']})"
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return f"timm.create_model({arch!r}, pretrained=True, pretrained_cfg_overlay={overlay}, {args})"
+
+
+def eval_preprocessing(img_size: int) -> dict[str, Any]:
+    """MAE's evaluation transform (util.cls_data.eval_transform) as timm's pretrained_cfg entries."""
+    return dict(input_size=(3, img_size, img_size), interpolation="bicubic", crop_mode="center",
+                crop_pct=224 / 256 if img_size <= 224 else 1.0, mean=tuple(IMAGENET_MEAN), std=tuple(IMAGENET_STD))
+
+
+def write_hub_dir(state: Mapping[str, Tensor], hub_dir: str | Path,
+                  model_cfg: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """Write `state` as a folder in timm's Hub layout with `timm.models.save_for_hf` (config.json with the
+    architecture, model_args and pretrained_cfg; model.safetensors); `timm.create_model('local-dir:DIR',
+    pretrained=True)` rebuilds it with no other argument. Returns the timm model that was saved."""
+    arch, kwargs = timm_architecture(state, model_cfg)
+    model = timm.create_model(arch, pretrained=False, **kwargs)
+    try:
+        model.load_state_dict(dict(state), strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"the exported weights do not fit timm's {arch} {kwargs}: {err}") from None
+    cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in FOREIGN_CFG_KEYS}
+    model.pretrained_cfg = {**cfg, **eval_preprocessing(kwargs["img_size"]), "num_classes": kwargs["num_classes"]}
+    timm.models.save_for_hf(model, str(hub_dir), safe_serialization=True)
+    logger.info("wrote timm Hub folder %s (%s); load with: timm.create_model('local-dir:%s', pretrained=True)",
+                hub_dir, arch, hub_dir)
+    return model
+
+
+def export(checkpoint_path: str, out_path: str | None, hub_dir: str | None = None) -> dict[str, Tensor]:
+    """Read `checkpoint_path` (weights_only), write its encoder to `out_path` (safetensors) and/or to `hub_dir`
+    (timm's Hub layout); return the exported state dict."""
     checkpoint = load_checkpoint(checkpoint_path)
     state = export_state_dict(checkpoint)
-    metadata = {"format": "pt", "source": str(checkpoint_path)}
-    if checkpoint.get("model_cfg"):
-        metadata["model_cfg"] = json.dumps(checkpoint["model_cfg"])
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, out_path, metadata=metadata)
-    logger.info("wrote %d tensors (%.1f M parameters) to %s", len(state),
-                sum(v.numel() for v in state.values()) / 1e6, out_path)
-    logger.info("load with: %s", timm_call(state, out_path))
+    model_cfg = checkpoint.get("model_cfg") or None
+    if out_path:
+        metadata = {"format": "pt", "source": str(checkpoint_path)}
+        if model_cfg:
+            metadata["model_cfg"] = json.dumps(model_cfg)
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, out_path, metadata=metadata)
+        logger.info("wrote %d tensors (%.1f M parameters) to %s", len(state),
+                    sum(v.numel() for v in state.values()) / 1e6, out_path)
+        logger.info("load with: %s", timm_call(state, out_path, model_cfg))
+    if hub_dir:
+        write_hub_dir(state, hub_dir, model_cfg)
     return state
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="checkpoint (.pth) of this project, MAE or the released DeepMIM")
-    parser.add_argument("output", help="output .safetensors file")
+    parser.add_argument("output", nargs="?", default=None, help="output .safetensors file (optional with --hub_dir)")
+    parser.add_argument("--hub_dir", default=None, metavar="DIR",
+                        help="also write DIR in timm's Hub layout (config.json + model.safetensors): "
+                             "timm.create_model('local-dir:DIR', pretrained=True)")
     args = parser.parse_args(argv)
-    if not args.output.endswith(".safetensors"):
+    if args.output is None and args.hub_dir is None:
+        parser.error("give an output .safetensors file, --hub_dir DIR, or both")
+    if args.output is not None and not args.output.endswith(".safetensors"):
         parser.error(f"output {args.output} must end in .safetensors")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        export(args.checkpoint, args.output)
+        export(args.checkpoint, args.output, args.hub_dir)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     return 0

@@ -181,6 +181,8 @@ IGNORED_SETTINGS = frozenset({
     "ngpus", "nodes", "timeout", "partition", "use_volta32", "comment", "cluster", "max_requeues",
     "config", "print_config", "grad_ckpt", "compile", "compile_backend",
 })
+#: How a fixed --global_batch_size is split over processes: not compared when the global batch is the same.
+SPLIT_OF_GLOBAL_BATCH = frozenset({"batch_size", "accum_iter"})
 #: Ignored settings whose change is still logged on resume.
 LOGGED_SETTINGS = ("amp",)
 #: Flags compared only when the current run gives them: the pre-trained source of fine-tuning / probing, which a
@@ -205,9 +207,12 @@ def changed_settings(saved_args: Mapping[str, Any], args: Any) -> dict[str, tupl
     only (a flag added or removed by newer code) is not. Values compare as plain values: a tuple equals its list.
     """
     saved, current = plain_args(dict(saved_args)), plain_args(args)
+    ignored = IGNORED_SETTINGS
+    if current.get("global_batch_size") is not None and saved.get("global_batch_size") == current["global_batch_size"]:
+        ignored = ignored | SPLIT_OF_GLOBAL_BATCH  # the same global batch on another number of GPUs
     return {
         key: (saved[key], value) for key, value in current.items()
-        if key in saved and key not in IGNORED_SETTINGS and saved[key] != value
+        if key in saved and key not in ignored and saved[key] != value
         and not (key in COMPARED_WHEN_GIVEN and value in (None, ""))
     }
 

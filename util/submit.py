@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from util import distributed
 from util.checkpoint import list_checkpoints
+from util.config import derive_accum_iter, maybe_print_config, parse_with_config
 
 CLUSTERS = ("slurm", "local", "debug")
 
@@ -165,10 +166,14 @@ def classification_launcher(module: Any, name: str, argv: list[str] | None = Non
     and amp are resolved in the job)."""
     parser = argparse.ArgumentParser(f"Submitit for {name}", parents=[module.get_args_parser()])
     add_launcher_args(parser)
-    args = parser.parse_args(argv)
+    args = parse_with_config(parser, argv)
     try:
         validate_launcher_args(args)
-        module.resolve_args(argparse.Namespace(**vars(args)))  # validation only; the job resolves again
+        resolved = argparse.Namespace(**vars(args))
+        module.resolve_args(resolved)  # validation only; the job resolves again
+        maybe_print_config(resolved, lambda _: None, parser)
+        if args.global_batch_size is not None:  # fail now, not after the queue: the job derives --accum_iter
+            derive_accum_iter(args.global_batch_size, args.batch_size, args.nodes * args.ngpus)
     except ValueError as err:
         parser.error(str(err))
     return launch(module.main, args, name=name)  # fine-tuning and probing understand --resume auto too
