@@ -1,8 +1,8 @@
 """Launch fine-tuning on SLURM with submitit (MAE's launcher flags); requeued on preemption / time-out.
 
     python submitit_finetune.py --nodes 4 --ngpus 8 --partition learnfair \\
-        --finetune out/deepmim_vitb/checkpoint-1599.pth --data_path /datasets/imagenet \\
-        --batch_size 32 --epochs 100 --blr 5e-5 --layer_decay 0.6 --dist_eval
+        --config configs/finetune/vit_base_after_800e_1600e.yaml --batch_size 32 \\
+        --finetune out/deepmim_vitb/checkpoint-1599.pth --data_path /datasets/imagenet
 
 A requeued job resumes exactly, mid-epoch included, from the newest valid checkpoint of its job folder
 (`--resume auto`). The job asks for

@@ -1,8 +1,8 @@
 """Launch linear probing on SLURM with submitit (MAE's launcher flags); requeued on preemption / time-out.
 
     python submitit_linprobe.py --nodes 2 --ngpus 8 --partition learnfair \\
-        --finetune out/deepmim_vitb/checkpoint-1599.pth --data_path /datasets/imagenet \\
-        --batch_size 1024 --epochs 90 --blr 0.1 --dist_eval [--probe_block 8]
+        --config configs/linprobe/vit_base_90e.yaml --batch_size 1024 \\
+        --finetune out/deepmim_vitb/checkpoint-1599.pth --data_path /datasets/imagenet [--probe_block 8]
 
 A requeued job resumes exactly, mid-epoch included, from the newest valid checkpoint of its job folder
 (`--resume auto`). The job asks for

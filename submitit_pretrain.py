@@ -1,7 +1,7 @@
 """Launch DeepMIM pre-training on SLURM with submitit (MAE's launcher flags), preemption-safe.
 
-    python submitit_pretrain.py --nodes 4 --ngpus 8 --partition learnfair --use_volta32 \\
-        --model deepmim_vit_base_patch16 --batch_size 128 --norm_pix_loss --epochs 1600 --data_path /imagenet
+    python submitit_pretrain.py --nodes 4 --ngpus 8 --partition learnfair \\
+        --config configs/pretrain/deepmim_vit_base_1600e.yaml --batch_size 128 --data_path /imagenet
 
 On preemption or time-out the job saves, requeues itself and resumes from the newest valid checkpoint in its
 job folder (`--resume auto`), with no change of flags. The job asks for --ngpus GPUs per node (none with
