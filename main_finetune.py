@@ -53,7 +53,7 @@ from util.config import (
     parse_with_config,
 )
 from util.datasets import ResumableDistributedSampler, RobustSeededDataset, ignore_stop_signals
-from util.misc import append_json_log, make_log_writer, seed_everything, setup_logging
+from util.misc import RunClock, append_json_log, log_summary, make_log_writer, seed_everything, setup_logging
 from util.preemption import GracefulStop
 from util.training import UpdateHook, add_compile_args, maybe_compile, wrap_ddp
 
@@ -175,6 +175,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint (top-1/top-5)")
     g.add_argument("--dist_eval", action="store_true", help="shard evaluation over ranks (exact, padding skipped)")
     g.add_argument("--dist_url", default="env://", help="process-group URL (MAE)")
+    distributed.add_legacy_launcher_args(g)
     add_compile_args(g)
     add_global_batch_arg(g)
     add_config_args(parser)
@@ -525,24 +526,31 @@ class Run:
                     self.num_trainable())
         log_writer = make_log_writer(args.log_dir)
         stopper = GracefulStop().install()
-        start = time.time()
+        clock = RunClock(args.start_epoch, args.epochs)
         try:
             train_model = wrap_ddp(maybe_compile(self.bare, args.compile, args.compile_backend), self.device)
-            test_stats = self.train_epochs(train_model, stopper, log_writer)
+            test_stats = self.train_epochs(train_model, stopper, log_writer, clock)
         finally:
             stopper.uninstall()
             if log_writer is not None:
                 log_writer.close()
-        logger.info("training time %s s", int(time.time() - start))
         if not test_stats:  # resumed a finished run: nothing trained, report the checkpoint
             test_stats = self.evaluate()
+        log_summary("training finished", {
+            "checkpoints": f"{args.output_dir} (checkpoint-last.pth, checkpoint-best.pth, checkpoint-<epoch>.pth "
+                           f"every {args.save_freq})",
+            "log": str(Path(args.output_dir) / "log.txt"), "TensorBoard": args.log_dir or "off",
+            "top-1": f"last {test_stats['acc1']:.2f}%, best {self.best_acc:.2f}%", "wall time": clock.elapsed(),
+        })
         return {**test_stats, "best_acc1": self.best_acc}
 
-    def train_epochs(self, model: nn.Module, stopper: GracefulStop, log_writer: Any) -> dict[str, float]:
+    def train_epochs(self, model: nn.Module, stopper: GracefulStop, log_writer: Any,
+                     clock: RunClock) -> dict[str, float]:
         """The epoch loop of `fit` (`model`: the DDP-wrapped model); returns the last epoch's val stats."""
         args, test_stats, start_step = self.args, {}, self.start_step
         on_update = UpdateHook(self.save, stopper, args.accum_iter, args.save_every_iters, args.print_freq)
         for epoch in range(args.start_epoch, args.epochs):
+            clock.log_epoch_start(epoch)
             self.train_loader.dataset.set_epoch(epoch)
             self.train_loader.sampler.set_epoch(epoch)
             self.train_loader.sampler.set_start_step(start_step)
@@ -612,6 +620,7 @@ def write_eval_record(args: argparse.Namespace, stats: Mapping[str, float]) -> P
 def setup_run(args: argparse.Namespace) -> torch.device:
     """Device and precision of this machine, process group, logging, lr, seed, output folder and run_info.json."""
     resolve_machine(args)  # on the machine that trains (in a SLURM job: the compute node)
+    distributed.apply_legacy_launcher_args(args)
     info = distributed.init_distributed(args.device, args.dist_url)
     if info.distributed and args.device.startswith("cuda"):
         args.device = f"cuda:{info.local_rank}"

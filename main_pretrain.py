@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
-import time
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -47,7 +45,7 @@ from util.datasets import (
 )
 from util.fast_data import build_fast_pretrain_dataset
 from util.hybrid import HybridGenerator, blend_targets, check_hybrid_args
-from util.misc import append_json_log, make_log_writer, seed_everything, setup_logging
+from util.misc import RunClock, append_json_log, log_summary, make_log_writer, seed_everything, setup_logging
 from util.preemption import GracefulStop
 from util.targets import TARGETS, Target, check_target_args
 from util.training import UpdateHook, add_compile_args, maybe_compile, wrap_ddp
@@ -137,6 +135,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     system.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True, help="pin host memory")
     system.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="MAE's spelling of --no-pin_mem")
     system.add_argument("--dist_url", default="env://", type=str, help="process-group init URL")
+    distributed.add_legacy_launcher_args(system)
     system.add_argument("--save_freq", default=20, type=int, help="write checkpoint-<epoch>.pth every N epochs")
     system.add_argument("--save_every_iters", default=0, type=int,
                         help="also refresh checkpoint-last.pth every N optimizer updates (0: only at epoch ends)")
@@ -320,6 +319,7 @@ def main(args: argparse.Namespace) -> RunResult:
     resolve_args(args)
     validate_args(args)
     resolve_machine(args)  # device and amp of this machine (in a SLURM job: the compute node)
+    distributed.apply_legacy_launcher_args(args)
     dist_info = distributed.init_distributed(args.device, args.dist_url)
     apply_global_batch(args, dist_info.world_size)  # a config's global batch: --accum_iter for this world size
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -358,9 +358,10 @@ def main(args: argparse.Namespace) -> RunResult:
     save = partial(_save, model, optimizer, scaler, args, writer)
     on_update = UpdateHook(save, stopper, args.accum_iter, args.save_every_iters, args.print_freq)
     stats: dict[str, float] = {}
-    start = time.time()
+    clock = RunClock(args.start_epoch, args.epochs)
     try:
         for epoch in range(args.start_epoch, args.epochs):
+            clock.log_epoch_start(epoch)
             stats = _train_epoch(train_model, model, loader, dataset, optimizer, scaler, device, epoch, args,
                                  targets_fn, log_writer, start_step, on_update, save)
             start_step = 0
@@ -373,7 +374,12 @@ def main(args: argparse.Namespace) -> RunResult:
     stopper.uninstall()
     if args.demo and args.target == "pixel" and distributed.is_main_process():
         save_grid_png(reconstructions(model, dataset, targets_fn, args), Path(args.output_dir) / "reconstructions.png")
-    logger.info("training time %s s", math.ceil(time.time() - start))
+    log_summary("pre-training finished", {
+        "checkpoints": f"{args.output_dir} (checkpoint-last.pth, checkpoint-<epoch>.pth every {args.save_freq})",
+        "log": str(Path(args.output_dir) / "log.txt"), "TensorBoard": args.log_dir or "off",
+        "last epoch loss": f"{stats.get('loss', float('nan')):.4f}" if stats else "no epoch trained",
+        "wall time": clock.elapsed(),
+    })
     if log_writer is not None:
         log_writer.close()
     distributed.cleanup()

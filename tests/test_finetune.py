@@ -225,6 +225,9 @@ def test_finetune_end_to_end_checkpoints_logs_eval_and_resume(setup, tmp_path, m
                                   "global_pool": True}
 
     run_info = (out / "run_info.json").read_text()
+    assert {"args", "git_sha", "command", "world_size", "versions"} <= set(json.loads(run_info))
+    console = (out / "console.log").read_text()
+    assert "training finished" in console and "best" in console and "wall time" in console
     before = {p.name for p in out.iterdir()}
     monkeypatch.chdir(tmp_path / "data")  # where the user typed the command
     # --eval with the default --output_dir, as the README's line: its own record beside the checkpoint, no

@@ -40,6 +40,12 @@ def test_run_writes_checkpoints_logs_and_safe_args(image_folder, tmp_path):
     lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [0, 1] and "train_loss_b2" in lines[0]
     assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())  # TensorBoard
+    info = json.loads((out / "run_info.json").read_text())
+    assert {"args", "git_sha", "command", "world_size", "versions"} <= set(info) and info["world_size"] == 1
+    assert {"torch", "timm", "numpy", "python"} <= set(info["versions"])
+    console = (out / "console.log").read_text()
+    assert "epoch 2 of 2 starts; run ETA" in console  # an overall ETA at every epoch start
+    assert "pre-training finished" in console and "wall time" in console and str(out) in console
 
 
 def test_resume_gives_identical_weights(image_folder, tmp_path):
@@ -182,3 +188,19 @@ def test_maes_no_pin_mem_spelling_is_accepted(image_folder, tmp_path):
     assert tiny_args(image_folder, tmp_path / "run", "--no_pin_mem").pin_mem is False
     assert tiny_args(image_folder, tmp_path / "run", "--no-pin_mem").pin_mem is False
     assert tiny_args(image_folder, tmp_path / "run").pin_mem is True
+
+
+@pytest.mark.parametrize("flag", ["--local_rank", "--local-rank"])
+def test_maes_launcher_flags_are_accepted_and_the_environment_wins(image_folder, tmp_path, monkeypatch, flag):
+    from util import distributed
+
+    args = tiny_args(image_folder, tmp_path / "run", flag, "3", "--world_size", "8")
+    assert args.local_rank == 3 and args.world_size == 8
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")  # registered so the teardown removes what the call below sets
+    monkeypatch.delenv("LOCAL_RANK")
+    distributed.apply_legacy_launcher_args(args)  # torch.distributed.launch without --use-env: only the flag
+    assert os.environ["LOCAL_RANK"] == "3"
+    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's environment wins over the flag
+    distributed.apply_legacy_launcher_args(args)
+    assert os.environ["LOCAL_RANK"] == "1"

@@ -179,7 +179,7 @@ IGNORED_SETTINGS = frozenset({
     "print_freq", "save_freq", "save_every_iters", "vis_freq", "max_bad_images", "eval", "dist_eval",
     "num_workers", "pin_mem", "dist_url", "device", "amp",
     "ngpus", "nodes", "timeout", "partition", "use_volta32", "comment", "cluster", "max_requeues",
-    "config", "print_config", "grad_ckpt", "compile", "compile_backend",
+    "config", "print_config", "grad_ckpt", "compile", "compile_backend", "local_rank", "world_size",
 })
 #: How a fixed --global_batch_size is split over processes: not compared when the global batch is the same.
 SPLIT_OF_GLOBAL_BATCH = frozenset({"batch_size", "accum_iter"})
@@ -586,8 +586,22 @@ def resume_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
         return 0
     return restore_training_state(state, model, optimizer, scaler, args, path=path)
 
+def run_info(args: Any) -> dict[str, Any]:
+    """What reproduces a run: resolved arguments, git SHA, command line, world size and library versions."""
+    import platform
+    import sys
+
+    import timm
+
+    return {
+        "args": plain_args(args), "git_sha": git_sha(), "command": [sys.executable, *sys.argv],
+        "world_size": distributed.get_world_size(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                     "timm": timm.__version__, "numpy": np.__version__},
+    }
+
+
 def write_run_info(args: Any) -> None:
-    """The resolved arguments and the git SHA beside the checkpoints (STYLE habit 11)."""
+    """`run_info.json` beside the checkpoints, the same name and content for every entry script (rank 0)."""
     if distributed.is_main_process():
-        info = {"args": plain_args(args), "git_sha": git_sha()}
-        (Path(args.output_dir) / "run_info.json").write_text(json.dumps(info, indent=2))
+        (Path(args.output_dir) / "run_info.json").write_text(json.dumps(run_info(args), indent=2))

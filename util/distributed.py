@@ -102,3 +102,24 @@ def cleanup() -> None:
         dist.destroy_process_group()
     except Exception as err:  # noqa: BLE001 - best effort at exit; the exit reason matters more
         logger.warning("could not destroy the process group: %s", err)
+
+
+def add_legacy_launcher_args(parser) -> None:
+    """MAE's `--local_rank` (also `--local-rank`, what `torch.distributed.launch` passes) and `--world_size`, so
+    MAE's command lines run unchanged. The environment that torchrun / SLURM set always wins."""
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", default=None, type=int,
+                        help="GPU index on this node (torch.distributed.launch passes it; LOCAL_RANK wins)")
+    parser.add_argument("--world_size", default=None, type=int,
+                        help="number of processes (MAE's flag; WORLD_SIZE from the launcher wins)")
+
+
+def apply_legacy_launcher_args(args) -> None:
+    """Export `--local_rank` as LOCAL_RANK when the launcher did not (torch.distributed.launch without --use-env);
+    warn when `--world_size` disagrees with the launcher's WORLD_SIZE."""
+    local_rank = getattr(args, "local_rank", None)
+    if local_rank is not None and "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(local_rank)
+    world_size = getattr(args, "world_size", None)
+    if world_size is not None and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) != world_size:
+        logger.warning("--world_size %d ignored: the launcher started %s processes", world_size,
+                       os.environ["WORLD_SIZE"])

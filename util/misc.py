@@ -166,3 +166,34 @@ def make_log_writer(log_dir: str | None):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=log_dir)
+
+
+class RunClock:
+    """Wall time of a run and its ETA from the epochs done so far in this process (resumed epochs excluded)."""
+
+    def __init__(self, start_epoch: int, epochs: int):
+        self.start, self.first_epoch, self.epochs = time.time(), start_epoch, epochs
+
+    def elapsed(self) -> str:
+        return str(datetime.timedelta(seconds=int(time.time() - self.start)))
+
+    def eta(self, epoch: int) -> str:
+        """Time left before `epoch` starts, extrapolated from the epochs this process trained."""
+        done = epoch - self.first_epoch
+        if done <= 0:
+            return "known after the first epoch"
+        per_epoch = (time.time() - self.start) / done
+        return str(datetime.timedelta(seconds=int(per_epoch * (self.epochs - epoch))))
+
+    def log_epoch_start(self, epoch: int) -> None:
+        logger.info("epoch %d of %d starts; run ETA %s (elapsed %s)", epoch + 1, self.epochs, self.eta(epoch),
+                    self.elapsed())
+
+
+def log_summary(title: str, items: dict[str, Any]) -> None:
+    """The end of a run in a few lines: where its outputs went, its result and its wall time (rank 0)."""
+    if not distributed.is_main_process():
+        return
+    width = max(len(key) for key in items)
+    lines = "\n".join(f"  {key:<{width}}  {value}" for key, value in items.items())
+    logger.info("%s\n%s", title, lines)
