@@ -45,6 +45,7 @@ from util.datasets import (
 )
 from util.fast_data import build_fast_pretrain_dataset
 from util.hybrid import HybridGenerator, blend_targets, check_hybrid_args
+from util.memory import estimate_training_memory, memory_advice
 from util.misc import RunClock, append_json_log, log_summary, make_log_writer, seed_everything, setup_logging
 from util.preemption import GracefulStop
 from util.targets import TARGETS, Target, check_target_args
@@ -324,6 +325,9 @@ def main(args: argparse.Namespace) -> RunResult:
     apply_global_batch(args, dist_info.world_size)  # a config's global batch: --accum_iter for this world size
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     setup_logging(args.output_dir)
+    if dist_info.distributed:  # logged again now that logging is set up (init ran before it)
+        logger.info("distributed init: rank %d/%d (%s)", dist_info.rank, dist_info.world_size,
+                    torch.distributed.get_backend())
     logger.info("resolved arguments (a file --config accepts):\n%s", config_yaml(args))
     seed_everything(args.seed + dist_info.rank)
     device = torch.device(args.device, dist_info.local_rank) if args.device == "cuda" else torch.device(args.device)
@@ -340,6 +344,8 @@ def main(args: argparse.Namespace) -> RunResult:
     target = build_target(args, device)
     model = build_model(args, target.pred_dim, target.loss_type).to(device)
     model.set_grad_checkpointing(args.grad_ckpt)
+    if device.type == "cuda":
+        check_memory(model, args, device, dist_info.world_size)
     eff_batch = args.batch_size * args.accum_iter * dist_info.world_size
     if args.lr is None:
         args.lr = args.blr * eff_batch / 256  # MAE / paper Appendix A: lr = base_lr * batch / 256
@@ -384,6 +390,20 @@ def main(args: argparse.Namespace) -> RunResult:
         log_writer.close()
     distributed.cleanup()
     return RunResult(model, stats)
+
+
+def check_memory(model: torch.nn.Module, args: argparse.Namespace, device: torch.device, world_size: int) -> None:
+    """Estimate this GPU's peak memory for the chosen batch (four small forwards) and warn, naming the flags that
+    would fit (--batch_size/--accum_iter, --grad_ckpt, --use_volta32), before the first step runs out of memory.
+    Teachers and the DeepMIM+ generator are not counted."""
+    estimate = estimate_training_memory(model, args.batch_size, input_size=args.input_size, amp=args.amp,
+                                        device=device, ddp=world_size > 1)
+    _, total = torch.cuda.mem_get_info(device)
+    logger.info("memory estimate %.1f GiB of %.1f GiB: %s", estimate.total / 2**30, total / 2**30, estimate.summary())
+    advice = memory_advice(estimate, total, accum_iter=args.accum_iter, device_name=torch.cuda.get_device_name(device))
+    if advice:
+        logger.warning(advice)
+    torch.cuda.empty_cache()
 
 
 def _train_epoch(train_model, model, loader: DataLoader, dataset, optimizer, scaler, device: torch.device, epoch: int,

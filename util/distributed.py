@@ -55,7 +55,9 @@ def init_distributed(device: str, dist_url: str = "env://") -> DistInfo:
     """
     rank = _env_int("RANK", "SLURM_PROCID")
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS")
-    if rank is None or world is None or world == 1:
+    # One process without a launcher trains alone; torchrun with one rank gets a real process group (and DDP), so
+    # a one-GPU check exercises the multi-GPU path (NCCL, DDP's reducer) that 32 GPUs will use.
+    if rank is None or world is None or (world == 1 and "TORCHELASTIC_RUN_ID" not in os.environ):
         return DistInfo()
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
     _check_rendezvous(dist_url)
