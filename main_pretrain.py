@@ -44,7 +44,7 @@ from util.datasets import (
     normalize_on_device,
 )
 from util.fast_data import build_fast_pretrain_dataset
-from util.hybrid import HybridGenerator, blend_targets, check_hybrid_args
+from util.hybrid import HybridGenerator, blend_targets, check_generator_file, check_hybrid_args
 from util.memory import estimate_training_memory, memory_advice
 from util.misc import RunClock, append_json_log, log_summary, make_log_writer, seed_everything, setup_logging
 from util.preemption import GracefulStop
@@ -232,6 +232,8 @@ def _validate_targets(args: argparse.Namespace, patch_size: int) -> None:
     depth = models_deepmim.encoder_depth(args.model, args.depth)
     check_hybrid_args(args.hybrid_generator, args.hybrid_alphas, args.supervised_blocks or
                       default_blocks(args.model, depth))
+    if args.hybrid_generator:  # the generator must see the student's grid: checked from its file, nothing built
+        check_generator_file(args.hybrid_generator, input_size=args.input_size, patch_size=patch_size)
 
 
 def default_blocks(model_name: str, depth: int) -> tuple[int, ...]:

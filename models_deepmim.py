@@ -452,7 +452,7 @@ def load_pretrained(model: MaskedAutoencoderDeepMIM, state_dict: Mapping[str, Te
     """Load this project's, MAE's or the released DeepMIM's weights into `model`; report what did not fit.
 
     state_dict may be a full checkpoint ({'model': ...}). Tensors whose shape differs from the model's are left
-    as initialised and listed in `mismatched`.
+    as initialised and listed in `mismatched`. Logs nothing: the caller decides which keys matter and logs once.
     """
     if "model" in state_dict and isinstance(state_dict["model"], Mapping):
         state_dict = state_dict["model"]
@@ -461,7 +461,5 @@ def load_pretrained(model: MaskedAutoencoderDeepMIM, state_dict: Mapping[str, Te
     mismatched = [k for k, v in converted.items() if k in own and own[k].shape != v.shape]
     loadable = {k: v for k, v in converted.items() if k not in mismatched}
     result = model.load_state_dict(loadable, strict=False)
-    report = LoadReport(sorted(set(result.missing_keys) | set(mismatched)), sorted(result.unexpected_keys), mismatched)
-    if report.missing or report.unexpected:
-        logger.info("load_pretrained: missing %s, unexpected %s, mismatched %s", *report)
-    return report
+    # No log here: the caller knows which keys it expects and logs the report once (util.features, util.hybrid).
+    return LoadReport(sorted(set(result.missing_keys) | set(mismatched)), sorted(result.unexpected_keys), mismatched)

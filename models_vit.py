@@ -155,7 +155,9 @@ def load_encoder_weights(model: VisionTransformer, checkpoint: Mapping[str, Any]
 
     Decoder, teacher and generator weights and any old head are dropped; the position embedding is resampled
     (bicubic, timm) when the patch grid differs, keeping the cls slot; the head is re-initialised (trunc-normal,
-    std 2e-5). Raises ValueError when an encoder weight is missing or has another shape.
+    std 2e-5). Raises ValueError when an encoder weight is missing or has another shape. Does not log the
+    missing / unexpected keys: its callers (main_finetune.build_model, main_linprobe.build_probe) log the returned
+    report once, with the file name.
     """
     state_dict = encoder_state_dict(checkpoint)
     dropped = sorted(k for k in state_dict if DROPPED_KEY.match(k) or k.startswith("head."))
@@ -176,7 +178,6 @@ def load_encoder_weights(model: VisionTransformer, checkpoint: Mapping[str, Any]
                          f"--embed_dim --depth --num_heads): {'; '.join(mismatched)}")
     result = model.load_state_dict(state_dict, strict=False)
     missing, unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
-    logger.info("load_encoder_weights: missing %s, unexpected %s, dropped %d keys", missing, unexpected, len(dropped))
     bad = [k for k in missing if not ALLOWED_MISSING.match(k)]
     if bad:
         raise ValueError(f"encoder weights missing from the checkpoint: {bad}")

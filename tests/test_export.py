@@ -169,3 +169,59 @@ def test_command_line_hub_dir(tmp_path):
     none = subprocess.run([sys.executable, "tools/export_encoder.py", str(ckpt)], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert none.returncode == 2 and "--hub_dir" in none.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The printed "load with" line runs as pasted (issue 13, item 8)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def printed_code(caplog) -> list[str]:
+    return [r.getMessage().split("load with: ", 1)[1] for r in caplog.records if "load with: " in r.getMessage()]
+
+
+def run_pasted(code: str, cwd, monkeypatch) -> torch.nn.Module:
+    """exec the printed line in a fresh namespace from another folder, as a user pasting it would."""
+    assert "<" not in code and "..." not in code, code  # no placeholders
+    monkeypatch.chdir(cwd)
+    namespace: dict = {}
+    exec(code, namespace)  # noqa: S102 (the point of the test)
+    return namespace["model"].eval()
+
+
+def test_printed_load_line_runs_as_pasted_for_pretraining_and_finetuned(tmp_path, caplog, monkeypatch):
+    torch.manual_seed(0)
+    classifier = models_vit.create_classifier("vit_small_patch16", **TIMM_TINY, num_classes=5, global_pool=True)
+    torch.nn.init.normal_(classifier.head.weight)
+    finetuned = tmp_path / "checkpoint-best.pth"
+    save_atomic({"model": classifier.state_dict(), "model_cfg": classifier.config, "epoch": 3}, finetuned)
+    pretrain = pretrain_checkpoint(tmp_path / "pretrain.pth")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(tmp_path)  # relative output paths, as typed on the command line
+    for ckpt, out in ((pretrain, "encoder.safetensors"), (finetuned, "classifier.safetensors")):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="export_encoder"):
+            exported = export_encoder.export(str(ckpt), out, hub_dir=f"hub_{ckpt.stem}")
+        file_line, hub_line = printed_code(caplog)
+        for code in (file_line, hub_line):
+            with caplog.at_level(logging.INFO, logger="timm"):
+                model = run_pasted(code, elsewhere, monkeypatch)
+            assert not [r for r in caplog.records if "Missing keys" in r.message or "Unexpected keys" in r.message]
+            assert set(model.state_dict()) == set(exported)
+            for key, value in model.state_dict().items():
+                assert torch.equal(value, exported[key]), (code, key)
+            monkeypatch.chdir(tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), classifier.eval()(x))  # the fine-tuned head and pooling came along
+
+
+def test_printed_load_line_of_the_command_line_runs(tmp_path, monkeypatch):
+    ckpt = pretrain_checkpoint(tmp_path / "pretrain.pth")
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "export_encoder.py"), str(ckpt), "enc.safetensors"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    (code,) = [line.split("load with: ", 1)[1] for line in run.stderr.splitlines() if "load with: " in line]
+    model = run_pasted(code, ROOT, monkeypatch)
+    assert set(model.state_dict()) == set(load_file(tmp_path / "enc.safetensors"))

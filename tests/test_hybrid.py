@@ -1,9 +1,12 @@
 """DeepMIM† hybrid targets: Eq. 1 blending, the frozen MAE generator, target spaces, checkpoint layouts."""
 
+import logging
+
 import pytest
 import torch
 
 from models_deepmim import create_model, reconstruction_loss
+from util import hybrid
 from util.checkpoint import save_atomic
 from util.hybrid import (
     DEFAULT_ALPHAS,
@@ -215,3 +218,59 @@ def test_student_mismatch_is_rejected(generator_path):
         generator.check_student(16, (14, 14))
     with pytest.raises(ValueError, match="--hybrid_generator"):
         generator.reconstruct(torch.randn(1, 3, 64, 64), torch.rand(1, 64), 0.75)
+
+
+# -- the generator's grid, checked from the file before any compute (issue 13, item 7) ----------------------------
+
+
+def test_generator_grid_is_checked_from_the_file_without_building_a_model(tmp_path, generator_path, monkeypatch):
+    released = tmp_path / "mae_visualize_tiny.pth"  # no model_cfg: the grid comes from the tensor shapes
+    save_atomic({"model": released_mae_state_dict(create_model("mae_vit_base_patch16", **GENERATOR))}, released)
+    bare_cfg = tmp_path / "mae_default.pth"  # a model_cfg without sizes: the registry's patch 16 at 224 px
+    save_atomic({"model": {}, "model_cfg": {"name": "mae_vit_base_patch16"}}, bare_cfg)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the check must not build a model")
+
+    monkeypatch.setattr(hybrid, "create_model", no_model)
+    monkeypatch.setattr(hybrid, "model_from_config", no_model)
+    assert hybrid.generator_geometry(generator_path) == hybrid.generator_geometry(released) == (8, (4, 4))
+    assert hybrid.generator_geometry(bare_cfg) == (16, (14, 14))
+    for path in (generator_path, released):
+        hybrid.check_generator_file(path, patch_size=8, input_size=32)  # the student's grid: accepted
+        with pytest.raises(ValueError) as error:  # student --input_size 64 with a 32-px generator
+            hybrid.check_generator_file(path, patch_size=8, input_size=64)
+        message = str(error.value)
+        assert message.startswith(f"--hybrid_generator {path} uses patch 8 on a (4, 4) grid (32 px images)")
+        assert "the student uses patch 8 on a (8, 8) grid (--input_size 64 --patch_size 8)" in message
+    with pytest.raises(ValueError, match=r"--hybrid_generator .* on a \(14, 14\) grid .* \(2, 2\) grid"):
+        hybrid.check_generator_file(bare_cfg, patch_size=16, input_size=32)
+
+
+def test_generator_grid_check_names_bad_files(tmp_path):
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=f"--hybrid_generator {broken}: cannot load"):
+        hybrid.check_generator_file(broken, patch_size=8, input_size=32)
+    encoder_only = tmp_path / "mae_pretrain_vit_base.pth"
+    save_atomic({"model": {"pos_embed": torch.zeros(1, 17, 8)}}, encoder_only)
+    with pytest.raises(ValueError, match=f"--hybrid_generator {encoder_only} is not an MAE checkpoint with a decoder"):
+        hybrid.check_generator_file(encoder_only, patch_size=8, input_size=32)
+    classifier = tmp_path / "finetuned.pth"
+    save_atomic({"model": {}, "model_cfg": {"name": "vit_base_patch16"}}, classifier)
+    with pytest.raises(ValueError, match=f"--hybrid_generator {classifier}: unknown model 'vit_base_patch16'"):
+        hybrid.check_generator_file(classifier, patch_size=8, input_size=32)
+
+
+# -- the load report is logged once (issue 13, item 9) -------------------------------------------------------------
+
+
+def test_generator_load_report_is_logged_once(tmp_path, caplog):
+    model = create_model("mae_vit_base_patch16", **GENERATOR)
+    path = tmp_path / "mae_extra.pth"
+    save_atomic({"model": {**model.state_dict(), "teacher.proj.weight": torch.zeros(2)}, "model_cfg": model.config},
+                path)
+    with caplog.at_level(logging.DEBUG):
+        HybridGenerator.from_file(path, student_norm_pix=False)
+    lines = [r.getMessage() for r in caplog.records if "unexpected" in r.getMessage() or "missing" in r.getMessage()]
+    assert len(lines) == 1 and "teacher.proj.weight" in lines[0], lines

@@ -154,7 +154,7 @@ def test_hog_target_trains_through_main(image_folder, tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in result.stats.values())
 
 
-def test_hybrid_generator_trains_through_main(image_folder, tmp_path):
+def test_hybrid_generator_trains_through_main(image_folder, tmp_path, capsys):
     """DeepMIM+: a tiny MAE pre-trained here serves as the generator of a DeepMIM run (Eq. 1)."""
     mae_dir = tmp_path / "mae"
     main_pretrain.main(tiny_args(image_folder, mae_dir, "--model", "mae_vit_small_patch16", "--epochs", "1",
@@ -167,6 +167,13 @@ def test_hybrid_generator_trains_through_main(image_folder, tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in result.stats.values())
     state = load_checkpoint(tmp_path / "hybrid" / "checkpoint-last.pth")
     assert not any(k.startswith(("generator", "teacher")) for k in state["model"])  # frozen nets never saved
+    # a student on another grid (64 px) is refused at parse time, naming the flag and both grids
+    with pytest.raises(SystemExit):
+        tiny_args(image_folder, tmp_path / "other", "--hybrid_generator", str(generator), "--input_size", "64",
+                  "--hybrid_alphas", "0", "0.5", "1")
+    err = capsys.readouterr().err
+    assert "--hybrid_generator" in err and "(4, 4)" in err and "(8, 8)" in err
+    assert not (tmp_path / "other").exists()
 
 
 def test_hybrid_generator_needs_pixel_target(image_folder, tmp_path, capsys):

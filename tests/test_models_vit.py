@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from conftest import TINY
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+import main_finetune
+import main_linprobe
 import models_deepmim
 import models_vit
 from util.checkpoint import load_checkpoint, save_atomic
@@ -151,3 +155,33 @@ def test_reinit_blocks_changes_exactly_the_last_k():
     assert model.blocks[3].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.2)
     with pytest.raises(ValueError, match="--reinit_blocks"):
         models_vit.reinit_last_blocks(model, 5)
+
+
+# -- the load report is logged once (issue 13, item 9) -------------------------------------------------------------
+
+
+def report_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "missing" in r.getMessage() or "unexpected" in r.getMessage()]
+
+
+def test_load_encoder_weights_leaves_the_report_to_its_caller(tiny_deepmim, caplog):
+    with caplog.at_level(logging.DEBUG):
+        report = models_vit.load_encoder_weights(classifier(), tiny_deepmim.state_dict())
+    assert report.missing == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    assert report_lines(caplog) == []
+
+
+def test_finetune_and_linprobe_log_the_load_report_once(tiny_deepmim, tmp_path, caplog):
+    path = tmp_path / "pretrain.pth"
+    save_atomic({"model": tiny_deepmim.state_dict(), "model_cfg": tiny_deepmim.config}, path)
+    flags = [f"--{k}={v}" for k, v in ARCH.items() if k != "img_size"]
+    args = main_finetune.get_args_parser().parse_args(
+        ["--model", "vit_small_patch16", "--input_size", "32", *flags, "--nb_classes", "3", "--finetune", str(path)])
+    with caplog.at_level(logging.DEBUG):
+        main_finetune.build_model(args, load_checkpoint(path))
+    assert len(report_lines(caplog)) == 1, report_lines(caplog)
+    caplog.clear()
+    config = dict(name="vit_small_patch16", **ARCH, num_classes=3, drop_path_rate=0.0, global_pool=False)
+    with caplog.at_level(logging.DEBUG):
+        main_linprobe.build_probe(config, load_checkpoint(path))
+    assert len(report_lines(caplog)) == 1, report_lines(caplog)

@@ -3,6 +3,7 @@ util/features.py: checkpoint loading, argument validation, the fixed image sets 
 
 import importlib.util
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.layers import resample_abs_pos_embed
 
+import main_linprobe
 import models_deepmim
+import models_vit
 from models_deepmim import MaskedAutoencoderDeepMIM, create_model
-from util import features
-from util.checkpoint import save_atomic
+from tools import export_encoder
+from util import amp, features
+from util.checkpoint import load_checkpoint, save_atomic
 from util.head_diversity import head_cosine_similarity, mean_pairwise
 from util.patches import sincos_pos_embed
 from util.visualize import grid_png_size
@@ -199,7 +204,7 @@ def test_script_runs_from_another_folder(files, tmp_path):
     ("cka", ["--ckpt", "{mae}", "--batch_size", "3"], "--batch_size must be >= 4"),
     ("cka", ["--ckpt", "{mae}", "{deepmim}", "--names", "a", "b", "--block", "5"], "--block 5 is outside 1..4"),
     ("head_diversity", ["--ckpt", "{mae}", "--model", "nope"], "--model ['nope'] unknown"),
-    ("head_diversity", ["--ckpt", "{mae}", "--device", "gpu0"], "--device 'gpu0'"),
+    ("head_diversity", ["--ckpt", "{mae}", "--device", "gpu0"], "--device must be cpu, cuda or cuda:N, got 'gpu0'"),
     ("visualize", ["--ckpt", "{mae}", "--mask_ratio", "1.0"], "--mask_ratio"),
     ("visualize", ["--ckpt", "{mae}", "--hybrid_alphas", "0", "1"], "--hybrid_alphas needs --hybrid_generator"),
     ("visualize", ["--ckpt", "{encoder_only}"], "decoder weights missing"),
@@ -281,3 +286,127 @@ def test_fixed_images_and_masks(files, tmp_path):
     assert torch.equal(noise[:2], features.mask_noise(2, 16, seed=3))
     assert not torch.equal(noise, features.mask_noise(6, 16, seed=4))
     assert features.default_names(["a/x.pth", "b/x.pth"]) == ["a/x", "b/x"]
+
+
+# -- fine-tuned and exported checkpoints (encoder tools accept them, decoder tools say why not) ----------------------
+
+
+CLASSIFIER = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4)
+
+
+def save_classifier(path: Path, global_pool: bool = True, **extra_cfg) -> torch.nn.Module:
+    """A checkpoint as main_finetune.py writes it: timm ViT keys; model_cfg: name vit_*, num_classes, global_pool."""
+    torch.manual_seed(3)
+    model = models_vit.create_classifier("vit_small_patch16", **CLASSIFIER, num_classes=5, global_pool=global_pool)
+    save_atomic({"model": model.state_dict(), "model_cfg": {**model.config, **extra_cfg}, "epoch": 7}, path)
+    return model.eval()
+
+
+def timm_block_outputs(model: torch.nn.Module, imgs: torch.Tensor) -> list[torch.Tensor]:
+    x = model._pos_embed(model.patch_embed(imgs))
+    outputs = []
+    for block in model.blocks:
+        x = block(x)
+        outputs.append(x)
+    return outputs
+
+
+@pytest.mark.parametrize("global_pool", [True, False])
+def test_finetuned_checkpoint_gives_the_classifier_s_block_features(tmp_path, global_pool):
+    classifier = save_classifier(tmp_path / "checkpoint-best.pth", global_pool)
+    model, epoch = features.load_model(tmp_path / "checkpoint-best.pth")
+    imgs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for ours, theirs in zip(features.encoder_block_features(model, imgs), timm_block_outputs(classifier, imgs),
+                                strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert epoch == 7
+    # Another input size resamples the learned (fine-tuned) position embedding as fine-tuning does, not sin-cos.
+    bigger, _ = features.load_model(tmp_path / "checkpoint-best.pth", img_size=48)
+    expected = resample_abs_pos_embed(classifier.pos_embed.detach(), new_size=[6, 6], num_prefix_tokens=1)
+    torch.testing.assert_close(bigger.pos_embed, expected)
+
+
+def test_encoder_tools_accept_finetuned_probed_and_exported_checkpoints(files, tmp_path):
+    finetuned = tmp_path / "finetuned.pth"
+    save_classifier(finetuned)
+    probe = main_linprobe.build_probe({**CLASSIFIER, "name": "vit_small_patch16", "num_classes": 3,
+                                       "drop_path_rate": 0.0, "global_pool": False, "probe_block": 2},
+                                      load_checkpoint(files["mae"]))
+    probed = tmp_path / "probe.pth"
+    save_atomic({"model": probe.state_dict(), "model_cfg": probe.config}, probed)
+    exported = tmp_path / "deepmim.safetensors"
+    export_encoder.export(files["deepmim"], str(exported))
+    data = run_tool("cka", files, tmp_path / "cka", "--ckpt", str(finetuned), files["mae"], str(probed),
+                    str(exported), "--names", "FT", "MAE", "probe", "export", "--batch_size", "5")
+    assert [len(data["cka_with_last_block"][n]) for n in ("FT", "MAE", "probe", "export")] == [4, 4, 2, 4]
+    heads = run_tool("head_diversity", files, tmp_path / "heads", "--ckpt", str(finetuned), str(exported),
+                     "--names", "FT", "export")
+    with torch.no_grad():
+        expected = features.attention_head_outputs(files["models"]["deepmim"], all_images(files))
+    means = mean_pairwise(torch.stack([head_cosine_similarity(h) for h in expected])).tolist()
+    assert heads["checkpoints"]["export"]["mean"] == pytest.approx(means, abs=1e-6)  # the export is the encoder
+
+
+@pytest.mark.parametrize("tool", ["visualize", "eval_recon_loss"])
+def test_decoder_tools_name_the_encoder_only_file(files, tmp_path, tool):
+    finetuned = tmp_path / "finetuned.pth"
+    save_classifier(finetuned)
+    exported = tmp_path / "mae.safetensors"
+    export_encoder.export(files["mae"], str(exported))
+    for path in (finetuned, exported):
+        with pytest.raises(features.UsageError) as error:
+            run_tool(tool, files, tmp_path / "out", "--ckpt", str(path))
+        message = str(error.value)
+        assert str(path) in message and "holds the encoder only, no decoder" in message, message
+        assert "tools/cka.py and tools/head_diversity.py accept" in message
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_model_flag_takes_a_classifier_name_for_finetuned_weights_without_model_cfg(files, tmp_path):
+    torch.manual_seed(4)
+    classifier = models_vit.create_classifier("vit_small_patch16", img_size=32, num_classes=5).eval()
+    released = tmp_path / "mae_finetuned_vit_small.pth"  # MAE's released fine-tuned files hold weights only
+    save_atomic({"model": classifier.state_dict()}, released)
+    args = TOOLS["cka"].get_args_parser().parse_args(
+        ["--ckpt", str(released), "--model", "vit_small_patch16", "--demo_images", "--input_size", "32"])
+    features.check_common_args(args)  # a classifier name is a known --model
+    model, _ = features.load_model(released, "vit_small_patch16", img_size=32)
+    imgs = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(features.encoder_block_features(model, imgs)[-1],
+                                   timm_block_outputs(classifier, imgs)[-1])
+
+
+# -- the load report is logged once (issue 13, item 9) -----------------------------------------------------------
+
+
+def test_load_report_is_logged_once(files, tmp_path, caplog):
+    state = dict(files["models"]["mae"].state_dict())
+    state["teacher.proj.weight"] = torch.zeros(2, 2)  # an unused key, besides missing decoders below
+    path = tmp_path / "extra.pth"
+    save_atomic({"model": {k: v for k, v in state.items() if not k.startswith("decoders.")},
+                 "model_cfg": files["models"]["mae"].config}, path)
+    with caplog.at_level(logging.DEBUG):
+        features.load_model(path)
+    lines = [r.getMessage() for r in caplog.records
+             if any(word in r.getMessage() for word in ("missing", "unexpected", "unused", "not in the file"))]
+    assert len(lines) == 1, lines
+    assert str(path) in lines[0] and "teacher.proj.weight" in lines[0]
+
+
+# -- --device: the training scripts' rule (issue 13, item 13) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_device_defaults_to_cuda_when_available(files, monkeypatch, cuda):
+    parsers = {name: tool.get_args_parser() for name, tool in TOOLS.items()}  # built before the mock, as at import
+    assert all(parser.get_default("device") is None for parser in parsers.values())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    args = parsers["head_diversity"].parse_args(["--ckpt", files["mae"], "--demo_images"])
+    features.check_common_args(args)
+    assert args.device == ("cuda" if cuda else "cpu") == amp.resolve_device(None)
+    if not cuda:
+        args = parsers["cka"].parse_args(["--ckpt", files["mae"], "--demo_images", "--device", "cuda"])
+        with pytest.raises(features.UsageError, match="--device cuda but CUDA is not available"):
+            features.check_common_args(args)

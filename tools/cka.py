@@ -13,6 +13,9 @@ thousands of images never have to be held at once.
 
 Writes cka_last_block.png (Fig. 4), with two checkpoints cka_cross.png (Fig. 5 a, b and the heatmap), and the
 JSON beside each.
+
+Needs only the encoder: takes pre-training checkpoints, fine-tuned and linear-probe classifiers (main_finetune.py,
+main_linprobe.py; the head is not used), .safetensors exports (tools/export_encoder.py) and released weights.
 """
 
 from __future__ import annotations

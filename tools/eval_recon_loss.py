@@ -12,6 +12,9 @@ norm_pix_loss). Several checkpoints of one run share a `--names` label and becom
 
 Writes recon_loss.png (left: loss of every decoder, latest checkpoint of each name; right: last decoder's loss per
 epoch, or per name when each has one checkpoint) and recon_loss.json; prints a Markdown table.
+
+Needs the decoders: pre-training checkpoints of main_pretrain.py (or released MAE/DeepMIM files with decoders).
+Fine-tuned / probed classifiers, exports and encoder-only releases are refused with a message naming the file.
 """
 
 from __future__ import annotations

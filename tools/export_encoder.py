@@ -3,7 +3,7 @@
     python tools/export_encoder.py output_dir/checkpoint-last.pth deepmim_vit_base.safetensors
     python tools/export_encoder.py output_dir/checkpoint-last.pth --hub_dir deepmim_vit_base
 
-Then, anywhere timm is used:
+Then, anywhere timm is used (the export prints the exact line for its file, to paste as is):
 
     timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=0,
                       pretrained_cfg_overlay=dict(file="deepmim_vit_base.safetensors"))
@@ -107,11 +107,20 @@ def timm_architecture(state: Mapping[str, Tensor], model_cfg: Mapping[str, Any] 
 
 
 def timm_call(state: Mapping[str, Tensor], out_path: str, model_cfg: Mapping[str, Any] | None = None) -> str:
-    """The `timm.create_model(...)` call that loads the exported file (for the log)."""
+    """Python that loads the exported file, to paste as is anywhere: `import timm; model = timm.create_model(...)`
+    with every architecture argument spelled out (heads from model_cfg or the registry, no placeholders) and the
+    file's absolute path, so it works from any folder."""
     arch, kwargs = timm_architecture(state, model_cfg)
-    overlay = f"dict(file={out_path!r}, num_classes={kwargs['num_classes']})"
+    overlay = f"dict(file={str(Path(out_path).resolve())!r}, num_classes={kwargs['num_classes']})"
     args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-    return f"timm.create_model({arch!r}, pretrained=True, pretrained_cfg_overlay={overlay}, {args})"
+    call = f"timm.create_model({arch!r}, pretrained=True, pretrained_cfg_overlay={overlay}, {args})"
+    return f"import timm; model = {call}"
+
+
+def local_dir_call(hub_dir: str | Path) -> str:
+    """Python that loads a `--hub_dir` folder, to paste as is (absolute path)."""
+    name = f"local-dir:{Path(hub_dir).resolve()}"
+    return f"import timm; model = timm.create_model({name!r}, pretrained=True)"
 
 
 def eval_preprocessing(img_size: int) -> dict[str, Any]:
@@ -134,8 +143,8 @@ def write_hub_dir(state: Mapping[str, Tensor], hub_dir: str | Path,
     cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in FOREIGN_CFG_KEYS}
     model.pretrained_cfg = {**cfg, **eval_preprocessing(kwargs["img_size"]), "num_classes": kwargs["num_classes"]}
     timm.models.save_for_hf(model, str(hub_dir), safe_serialization=True)
-    logger.info("wrote timm Hub folder %s (%s); load with: timm.create_model('local-dir:%s', pretrained=True)",
-                hub_dir, arch, hub_dir)
+    logger.info("wrote timm Hub folder %s (%s)", hub_dir, arch)
+    logger.info("load with: %s", local_dir_call(hub_dir))
     return model
 
 

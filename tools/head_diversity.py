@@ -9,6 +9,9 @@ dot, one panel per checkpoint side by side.
         --num_images 1000 --output_dir out/heads
 
 Writes head_diversity.png and head_diversity.json (every pair's similarity and the means).
+
+Needs only the encoder: takes pre-training checkpoints, fine-tuned and linear-probe classifiers (main_finetune.py,
+main_linprobe.py; the head is not used), .safetensors exports (tools/export_encoder.py) and released weights.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ the generator's reconstruction under the same mask.
     python tools/visualize.py --ckpt mae.pth deepmim.pth --names MAE DeepMIM --demo_images --output_dir out/vis
     python tools/visualize.py --ckpt deepmim_dagger.pth --hybrid_generator mae_pretrain_vit_base_full.pth \\
         --data_path /data/imagenet --num_images 8 --output_dir out/vis
+
+Needs the decoders: pre-training checkpoints of main_pretrain.py (or released MAE/DeepMIM files with decoders).
+Fine-tuned / probed classifiers, exports and encoder-only releases are refused with a message naming the file.
 """
 
 from __future__ import annotations

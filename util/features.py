@@ -2,23 +2,28 @@
 features and per-head attention outputs of the encoder on unmasked images, load a fixed set of evaluation images,
 and the command-line flags every tool shares.
 
-Checkpoints written by `main_pretrain.py` carry "model_cfg", from which the architecture is rebuilt; released MAE /
-DeepMIM files carry weights only, so the tools take `--model NAME` for them.
+Checkpoints written by `main_pretrain.py`, `main_finetune.py` and `main_linprobe.py` and the `.safetensors` exports
+of `tools/export_encoder.py` carry "model_cfg", from which the architecture is rebuilt; released MAE / DeepMIM files
+carry weights only, so the tools take `--model NAME` for them. The encoder analyses (CKA, head diversity) take any
+of these; reconstructions and the validation loss need a pre-training checkpoint with its decoders.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError, safe_open
+from timm.layers import resample_abs_pos_embed
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
@@ -26,6 +31,7 @@ from torchvision.transforms import InterpolationMode
 
 import models_deepmim
 from models_deepmim import MaskedAutoencoderDeepMIM
+from util import amp
 from util.checkpoint import load_checkpoint
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD, check_image_folder, demo_photos
 from util.misc import setup_logging
@@ -49,6 +55,61 @@ class LoadedModel(NamedTuple):
     epoch: int | None  # the checkpoint's "epoch" when it has one
 
 
+DECODER_TOOLS = ("tools/visualize.py", "tools/eval_recon_loss.py")  # need a pre-training checkpoint's decoders
+ENCODER_TOOLS = ("tools/cka.py", "tools/head_diversity.py")  # take any checkpoint that holds the encoder
+CLASSIFIER_READOUT = ("head.", "fc_norm.")  # keys of a fine-tuned / probed classifier the analyses do not use
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint as a dict with "model" (and "model_cfg", "epoch" when stored): a torch file
+    (`util.checkpoint.load_checkpoint`, weights_only) or a `.safetensors` export of `tools/export_encoder.py`,
+    whose metadata holds the source's "model_cfg" as JSON. Raises ValueError naming the file when it is unreadable."""
+    if not str(path).endswith(".safetensors"):
+        return load_checkpoint(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"cannot read {path} as safetensors: {err}") from err
+    checkpoint: dict[str, Any] = {"model": state}
+    if "model_cfg" in metadata:
+        checkpoint["model_cfg"] = json.loads(metadata["model_cfg"])
+    return checkpoint
+
+
+def is_classifier_config(cfg: Mapping[str, Any]) -> bool:
+    """True for the "model_cfg" of a fine-tuned or linear-probe classifier (main_finetune.py, main_linprobe.py:
+    name 'vit_base_patch16', ...), False for a pre-training one ('deepmim_vit_base_patch16', 'mae_...')."""
+    return str(cfg.get("name")) in models_deepmim.ENCODERS
+
+
+def encoder_from_classifier_config(cfg: Mapping[str, Any], img_size: int | None = None) -> MaskedAutoencoderDeepMIM:
+    """The encoder of a classifier config as a `MaskedAutoencoderDeepMIM` (same patch embedding, cls/pos slots and
+    timm blocks, so its keys load as they are), with one minimal decoder that no encoder analysis reads. A linear
+    probe of block K (`probe_block`) holds blocks 1..K only, so the encoder is built K blocks deep."""
+    depth = cfg.get("probe_block") or cfg.get("depth")
+    return models_deepmim.create_model(
+        f"mae_{cfg['name']}", img_size=img_size or cfg.get("img_size"), patch_size=cfg.get("patch_size"),
+        embed_dim=cfg.get("embed_dim"), depth=depth, num_heads=cfg.get("num_heads"), decoder_depth=1)
+
+
+def _resample_learned_pos_embed(state: dict[str, Tensor], model: MaskedAutoencoderDeepMIM) -> dict[str, Tensor]:
+    """A fine-tuned position embedding is learned, not sin-cos: resample it to the model's grid (bicubic, timm, cls
+    slot kept) rather than recompute it."""
+    old = state.get("pos_embed")
+    if old is None or old.shape == model.pos_embed.shape:
+        return state
+    new = resample_abs_pos_embed(old, new_size=list(model.grid_size), num_prefix_tokens=1)
+    logger.info("resampled the learned pos_embed %s -> %s", tuple(old.shape), tuple(new.shape))
+    return {**state, "pos_embed": new}
+
+
+def _state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
+    state = checkpoint["model"] if isinstance(checkpoint.get("model"), Mapping) else checkpoint
+    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, Tensor)}
+
+
 def load_model(
     path: str | os.PathLike,
     model_name: str | None = None,
@@ -59,32 +120,51 @@ def load_model(
 ) -> tuple[MaskedAutoencoderDeepMIM, int | None]:
     """Build the model a checkpoint describes and load its weights; returns (model in eval mode, epoch or None).
 
-    The architecture comes from the checkpoint's "model_cfg"; files without one (released MAE / DeepMIM weights)
-    need `model_name` (a registered name, e.g. 'mae_vit_base_patch16'), and `norm_pix_loss` says whether their
-    decoders predict per-patch-normalised pixels. img_size rebuilds the model for another input size: position
-    embeddings are fixed sin-cos, so they are recomputed for the new grid rather than loaded.
+    Accepts pre-training checkpoints (main_pretrain.py), fine-tuned and linear-probe classifiers (main_finetune.py,
+    main_linprobe.py: their encoder, with the read-out left out), `.safetensors` exports (tools/export_encoder.py)
+    and released MAE / DeepMIM weights. The architecture comes from the checkpoint's "model_cfg"; files without one
+    need `model_name` (a registered name, e.g. 'mae_vit_base_patch16', or a classifier name such as
+    'vit_base_patch16' for fine-tuned weights), and `norm_pix_loss` says whether their decoders predict
+    per-patch-normalised pixels. img_size rebuilds the model for another input size: fixed sin-cos position
+    embeddings are recomputed for the new grid, learned (fine-tuned) ones resampled.
 
     Raises ValueError naming the file when encoder weights are missing or misshapen, or when `require_decoders`
-    and the file holds no decoder weights (e.g. MAE's encoder-only `mae_pretrain_*.pth`).
+    and the file holds no decoder (a classifier, an export, MAE's encoder-only `mae_pretrain_*.pth`).
     """
-    checkpoint = load_checkpoint(path)
+    checkpoint = read_checkpoint(path)
     cfg = checkpoint.get("model_cfg")
-    if cfg is not None:
-        if model_name is not None and model_name != cfg.get("name"):
-            logger.warning("%s has a model_cfg (%s); ignoring --model %s", path, cfg.get("name"), model_name)
-        cfg = dict(cfg, **({"img_size": img_size} if img_size else {}))
-        model = models_deepmim.model_from_config(cfg)
-    elif model_name is None:
-        raise ValueError(
-            f"{path} has no 'model_cfg' (a released MAE/DeepMIM file?): pass --model with one of "
-            f"{', '.join(sorted(models_deepmim.MODELS))}"
-        )
+    if cfg is None and model_name is None:
+        raise ValueError(f"{path} has no 'model_cfg' (a released MAE/DeepMIM file?): pass --model with one of "
+                         f"{', '.join(known_model_names())}")
+    if cfg is not None and model_name is not None and model_name != cfg.get("name"):
+        logger.warning("%s has a model_cfg (%s); ignoring --model %s", path, cfg.get("name"), model_name)
+    cfg = dict(cfg) if cfg is not None else {"name": model_name, "norm_pix_loss": norm_pix_loss}
+    classifier = is_classifier_config(cfg)
+    state = _state_dict(checkpoint)
+    if classifier:
+        if require_decoders:
+            raise ValueError(no_decoder_message(path, f"a classifier checkpoint (model_cfg name {cfg['name']!r}, "
+                                                      "from main_finetune.py or main_linprobe.py)"))
+        model = encoder_from_classifier_config(cfg, img_size)
+        state = _resample_learned_pos_embed(state, model)
     else:
-        model = models_deepmim.create_model(model_name, img_size=img_size, norm_pix_loss=norm_pix_loss)
-    report = models_deepmim.load_pretrained(model, checkpoint)
-    _check_load_report(path, report, require_decoders)
+        model = models_deepmim.model_from_config(dict(cfg, **({"img_size": img_size} if img_size else {})))
+    report = models_deepmim.load_pretrained(model, state)
+    _check_load_report(path, report, require_decoders, classifier)
     epoch = checkpoint.get("epoch")
     return model.eval().to(device), int(epoch) if isinstance(epoch, (int, float)) else None
+
+
+def known_model_names() -> list[str]:
+    """Values `--model` takes: registered pre-training models, then classifier (fine-tuned) names."""
+    return sorted(models_deepmim.MODELS) + sorted(models_deepmim.ENCODERS)
+
+
+def no_decoder_message(path: str | os.PathLike, what: str) -> str:
+    """The error of a decoder tool given an encoder-only file; names the file and the tools that accept it."""
+    return (f"{path}: {what}: it holds the encoder only, no decoder. Reconstructions and the validation loss "
+            f"({', '.join(DECODER_TOOLS)}) need a pre-training checkpoint of main_pretrain.py with its decoders; "
+            f"{' and '.join(ENCODER_TOOLS)} accept encoder-only files")
 
 
 def _is_pos_embed(key: str) -> bool:
@@ -92,8 +172,14 @@ def _is_pos_embed(key: str) -> bool:
     return key == "pos_embed" or (key.startswith("decoders.") and key.endswith(".pos_embed"))
 
 
-def _check_load_report(path: str | os.PathLike, report: models_deepmim.LoadReport, require_decoders: bool) -> None:
-    missing = [k for k in report.missing if not _is_pos_embed(k)]
+def _check_load_report(path: str | os.PathLike, report: models_deepmim.LoadReport, require_decoders: bool,
+                       classifier: bool = False) -> None:
+    """Raise on missing encoder weights (or decoders when required); otherwise log what did not load, once.
+
+    A classifier's final norm may be absent (global pooling, probes) and its pos_embed is learned, so must load;
+    its head / fc_norm are expected leftovers. Only block outputs are analysed, never the final norm."""
+    tolerated = (lambda k: k.startswith("norm.")) if classifier else _is_pos_embed
+    missing = [k for k in report.missing if not tolerated(k)]
     encoder_missing = [k for k in missing if not k.startswith("decoders.")]
     if encoder_missing:
         raise ValueError(f"{path}: encoder weights missing or of another shape: {encoder_missing[:5]}"
@@ -101,10 +187,16 @@ def _check_load_report(path: str | os.PathLike, report: models_deepmim.LoadRepor
                          "is --model (or the checkpoint's model_cfg) the right architecture?")
     decoder_missing = [k for k in missing if k.startswith("decoders.")]
     if decoder_missing and require_decoders:
-        raise ValueError(f"{path}: decoder weights missing ({decoder_missing[:3]} ...): this file holds no (or other) "
-                         "decoders, e.g. an encoder-only release; this tool needs the full pre-training checkpoint")
-    if report.unexpected:
-        logger.warning("%s: %d unused keys, e.g. %s", path, len(report.unexpected), report.unexpected[:3])
+        raise ValueError(no_decoder_message(path, f"decoder weights missing ({', '.join(decoder_missing[:3])} ...; "
+                                                  "an export or an encoder-only release?)"))
+    surprising = [k for k in report.unexpected if not (classifier and k.startswith(CLASSIFIER_READOUT))]
+    level = logging.WARNING if surprising else logging.INFO
+    if classifier:
+        logger.log(level, "%s: loaded the encoder of a classifier; unused keys in the file (its read-out is not "
+                   "analysed): %d %s", path, len(report.unexpected), report.unexpected[:5])
+    elif decoder_missing or report.unexpected:
+        logger.log(level, "%s: loaded; not in the file: %d decoder keys; unused keys in the file: %d %s", path,
+                   len(decoder_missing), len(report.unexpected), report.unexpected[:5])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -295,11 +387,14 @@ def add_common_args(parser: argparse.ArgumentParser, num_images: int, batch_size
     """Flags every analysis tool takes: checkpoints, images, device, output folder."""
     group = parser.add_argument_group("checkpoints")
     group.add_argument("--ckpt", nargs="+", required=True, metavar="PATH",
-                       help="one or more checkpoints (this project's, or released MAE/DeepMIM weights with --model)")
+                       help="one or more checkpoints: this project's (pre-training; fine-tuned or probed ones and "
+                            ".safetensors exports for the encoder analyses), or released MAE/DeepMIM weights with "
+                            "--model")
     group.add_argument("--names", nargs="+", default=None,
                        help="label of each checkpoint in figures and JSON (default: the file names)")
     group.add_argument("--model", nargs="+", default=None, metavar="NAME",
-                       help="registered model name for checkpoints without model_cfg: one for all, or one per --ckpt")
+                       help="model name for checkpoints without model_cfg (e.g. mae_vit_base_patch16, or "
+                            "vit_base_patch16 for fine-tuned weights): one for all, or one per --ckpt")
     data = parser.add_argument_group("images")
     source = data.add_mutually_exclusive_group(required=True)
     source.add_argument("--data_path", default=None, help="ImageFolder root (its val/ subfolder if present)")
@@ -310,7 +405,8 @@ def add_common_args(parser: argparse.ArgumentParser, num_images: int, batch_size
     data.add_argument("--num_workers", default=4, type=int, help="data loading processes")
     data.add_argument("--seed", default=0, type=int, help="seed of the demo crops and of the masks")
     run = parser.add_argument_group("run")
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    run.add_argument("--device", default=None,
+                     help="cpu, cuda or cuda:N (default: cuda when available, else cpu, as the training scripts)")
     run.add_argument("--output_dir", default="./output_dir/analysis", help="where the PNG and JSON files go")
 
 
@@ -328,9 +424,9 @@ def check_common_args(args: argparse.Namespace, unique_names: bool = True, min_b
     if args.model is not None:
         if len(args.model) not in (1, len(args.ckpt)):
             raise UsageError(f"--model takes 1 name or one per --ckpt ({len(args.ckpt)}), got {len(args.model)}")
-        unknown = [m for m in args.model if m not in models_deepmim.MODELS]
+        unknown = [m for m in args.model if m not in known_model_names()]
         if unknown:
-            raise UsageError(f"--model {unknown} unknown; known: {', '.join(sorted(models_deepmim.MODELS))}")
+            raise UsageError(f"--model {unknown} unknown; known: {', '.join(known_model_names())}")
     if args.data_path is not None:
         try:
             check_image_folder(args.data_path)
@@ -342,7 +438,7 @@ def check_common_args(args: argparse.Namespace, unique_names: bool = True, min_b
             raise UsageError(f"{flag} must be >= {low}, got {value}")
     if args.input_size is not None and args.input_size <= 0:
         raise UsageError(f"--input_size must be positive, got {args.input_size}")
-    args.device = str(resolve_device(args.device))
+    args.device = resolve_device(args.device)
 
 
 def default_names(paths: Sequence[str]) -> list[str]:
@@ -353,14 +449,13 @@ def default_names(paths: Sequence[str]) -> list[str]:
     return [f"{Path(p).parent.name}/{Path(p).stem}" for p in paths]
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str | None) -> str:
+    """`--device` by the training scripts' rule (`util.amp.resolve_device`): None -> cuda when available, else cpu;
+    cpu, cuda and cuda:N are accepted. Raises UsageError naming the flag."""
     try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UsageError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1): {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
+        return amp.resolve_device(name)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def load_models(args: argparse.Namespace, require_decoders: bool = False) -> tuple[list[LoadedModel], int]:

@@ -25,6 +25,7 @@ from models_deepmim import (
     ENCODERS,
     MaskedAutoencoderDeepMIM,
     create_model,
+    encoder_patch_size,
     load_pretrained,
     model_from_config,
 )
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ALPHAS = (0.0, 1 / 3, 2 / 3, 1.0)  # blocks 6, 8, 10, 12 (paper Sec. 3, Tab. 9 config 4)
 PATCH_EPS = 1e-6  # the epsilon of `normalize_patches` (MAE's norm_pix_loss)
+DEFAULT_IMG_SIZE = 224  # MaskedAutoencoderDeepMIM's img_size when a model_cfg does not set it
 RAW_PIXEL_RELEASES = ("mae_visualize_",)  # released MAE files trained without norm_pix_loss (MAE's demo notebook)
 
 
@@ -144,6 +146,60 @@ def infer_mae_config(state_dict: Mapping[str, Tensor]) -> dict:
     )
 
 
+def check_grids(source: str, generator_patch: int, generator_grid: Sequence[int], student_patch: int,
+                student_grid: Sequence[int]) -> None:
+    """Raise ValueError naming `--hybrid_generator` and both grids unless generator and student cut images into the
+    same patches on the same grid: the generator reconstructs exactly the student's masked patches (same noise)."""
+    own, student = (generator_patch, tuple(generator_grid)), (student_patch, tuple(student_grid))
+    if own == student:
+        return
+    own_px, student_px = own[0] * own[1][0], student[0] * student[1][0]
+    raise ValueError(
+        f"--hybrid_generator {source} uses patch {own[0]} on a {own[1]} grid ({own_px} px images); the student uses "
+        f"patch {student[0]} on a {student[1]} grid (--input_size {student_px} --patch_size {student[0]}): the "
+        f"generator must reconstruct the student's patches, so pre-train at --input_size {own_px} --patch_size "
+        f"{own[0]} or give a generator trained at --input_size {student_px} --patch_size {student[0]}")
+
+
+def _read_lazily(path: Path) -> Mapping:
+    """The checkpoint memory-mapped (nothing read but what is touched) when torch can, else fully loaded."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # legacy (non-zip) files cannot be memory-mapped; load_checkpoint names the file if broken
+        return load_checkpoint(path)
+
+
+def generator_geometry(path: str | os.PathLike) -> tuple[int, tuple[int, int]]:
+    """(patch size, patch grid) of a generator file without building the model: from its stored "model_cfg"
+    (absent sizes are the registry's; image size 224 by default), else, for released MAE files, from the shapes of
+    `patch_embed.proj.weight` and `pos_embed`. Raises ValueError naming `--hybrid_generator` and the file."""
+    path = Path(path)
+    try:
+        ckpt = _read_lazily(path)
+        if isinstance(ckpt.get("model_cfg"), Mapping):
+            cfg = ckpt["model_cfg"]
+            patch = encoder_patch_size(str(cfg.get("name")), cfg.get("patch_size"))
+            side = int(cfg.get("img_size") or DEFAULT_IMG_SIZE) // patch
+            return patch, (side, side)
+        cfg = infer_mae_config(ckpt["model"] if isinstance(ckpt.get("model"), Mapping) else ckpt)
+    except KeyError as err:
+        raise ValueError(f"--hybrid_generator {path} is not an MAE checkpoint with a decoder: missing keys "
+                         f"{', '.join(err.args[0])}") from err
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(f"--hybrid_generator {path}: {err}") from err
+    side = cfg["img_size"] // cfg["patch_size"]
+    return cfg["patch_size"], (side, side)
+
+
+def check_generator_file(path: str | os.PathLike, *, patch_size: int, input_size: int) -> None:
+    """Validate `--hybrid_generator` against the student's `--patch_size` / `--input_size` before any compute,
+    from the file's stored model_cfg (or tensor shapes) without building either model; raises ValueError naming the
+    flag and both grids (`check_grids`)."""
+    gen_patch, gen_grid = generator_geometry(path)
+    side = input_size // patch_size
+    check_grids(str(path), gen_patch, gen_grid, patch_size, (side, side))
+
+
 class HybridGenerator:
     """A frozen pre-trained MAE that reconstructs the student's masked images in the student's target space."""
 
@@ -205,11 +261,9 @@ class HybridGenerator:
         return cls(model.to(device), generator_norm_pix=norm_pix, student_norm_pix=student_norm_pix, source=str(path))
 
     def check_student(self, patch_size: int, grid_size: Sequence[int]) -> None:
-        """Raise ValueError unless the generator cuts images into the student's patches and grid."""
-        own = (self.model.patch_size, tuple(self.model.grid_size))
-        if own != (patch_size, tuple(grid_size)):
-            raise ValueError(f"--hybrid_generator {self.source} uses patch {own[0]} on a {own[1]} grid; the student "
-                             f"uses patch {patch_size} on a {tuple(grid_size)} grid")
+        """Raise ValueError unless the generator cuts images into the student's patches and grid (to check before
+        loading the generator, use `check_generator_file`)."""
+        check_grids(self.source, self.model.patch_size, self.model.grid_size, patch_size, grid_size)
 
     @torch.no_grad()
     def reconstruct(self, imgs: Tensor, noise: Tensor, mask_ratio: float) -> Tensor:
