@@ -179,8 +179,8 @@ def pretrain_argv(path: Path, tmp_path: Path, values: dict[str, Any]) -> list[st
     """--config plus the paths a user gives: an image folder, and a generator / teacher file when needed."""
     argv = ["--config", str(path), "--data_path", str(write_image_folder(tmp_path / "images", 2))]
     if any(a != 1 for a in values.get("hybrid_alphas") or ()):
-        generator = tmp_path / "mae_full.pth"
-        generator.write_bytes(b"")
+        generator = tmp_path / "mae_full.pth"  # what validation reads of it: the MAE's geometry (ViT-B/16, 224 px)
+        torch.save({"model": {}, "model_cfg": {"name": "mae_vit_base_patch16", "img_size": 224}}, generator)
         argv += ["--hybrid_generator", str(generator)]
     if values["target"] in ("clip", "dino"):
         teacher = tmp_path / "teacher.pt"

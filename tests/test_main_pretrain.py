@@ -211,3 +211,14 @@ def test_maes_launcher_flags_are_accepted_and_the_environment_wins(image_folder,
     monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's environment wins over the flag
     distributed.apply_legacy_launcher_args(args)
     assert os.environ["LOCAL_RANK"] == "1"
+
+
+def test_pixel_run_without_norm_pix_and_without_a_config_is_warned(image_folder, tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        tiny_args(image_folder, tmp_path / "run")
+    assert "without --norm_pix_loss" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        tiny_args(image_folder, tmp_path / "run", "--norm_pix_loss")
+        tiny_args(image_folder, tmp_path / "run", "--target", "hog")
+    assert "without --norm_pix_loss" not in caplog.text
