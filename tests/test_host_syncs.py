@@ -12,30 +12,28 @@ targets, model, loss, optimizer, logging) builds a tensor from Python data per s
 see: other kinds of host syncs (`.item()`, `.cpu()`, `nonzero`, boolean-mask indexing, a pageable copy) and calls
 inside compiled extensions; the CUDA test below catches those.
 
-CUDA (skipped without a GPU; `benchmarks/gpu_check.sh` runs it): the same steps with
-`torch.cuda.set_sync_debug_mode("error")` over the steps between the first and the last (those two read the losses
-back for logging, which is a deliberate sync every `--print_freq` steps), so any synchronising call raises.
+On a GPU, benchmarks/sync_check.py (run by `benchmarks/gpu_check.sh`) runs the same steps with
+`torch.cuda.set_sync_debug_mode("error")` between the first and the last step, so any synchronising call raises;
+the last test here checks that script's mechanics on the CPU.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
 import torch
-from conftest import ROOT, TINY_FLAGS
+from conftest import ROOT
 
-import main_pretrain
-from engine_pretrain import train_one_epoch
 from util import datasets as data_utils
 from util import hog
-from util.amp import configure_backends, resolve_machine
 
-STEPS = 5
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import sync_check  # noqa: E402
+from sync_check import STEPS, pretrain_args, run_steps  # noqa: E402
 
 
 class FactoryCall(NamedTuple):
@@ -79,51 +77,6 @@ def _is_project_file(path: str) -> bool:
     return resolved.is_relative_to(ROOT) and ".venv" not in resolved.parts and "site-packages" not in resolved.parts
 
 
-class Steps:
-    """The first `steps` batches of a loader; `on_step(i)` runs right before batch i is handed to the engine, after
-    the loader has produced it (the loader's own work is not part of the checked step)."""
-
-    def __init__(self, loader: Iterable, steps: int, on_step: Callable[[int], None]):
-        self.loader, self.steps, self.on_step = loader, steps, on_step
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self) -> Iterator:
-        for step, batch in zip(range(self.steps), self.loader):
-            self.on_step(step)
-            yield batch
-        self.on_step(-1)
-
-
-def pretrain_args(target: str, device: str, output_dir: Path, print_freq: int) -> argparse.Namespace:
-    """main_pretrain's flags for a tiny DeepMIM on the demo photographs, resolved for this machine."""
-    parser = main_pretrain.get_args_parser()
-    argv = ["--demo", *TINY_FLAGS, "--target", target, "--device", device, "--batch_size", "4", "--epochs", "1",
-            "--warmup_epochs", "0", "--num_workers", "0", "--print_freq", str(print_freq),
-            "--output_dir", str(output_dir)]
-    args = main_pretrain.resolve_args(parser.parse_args(argv), parser)
-    main_pretrain.validate_args(args)
-    resolve_machine(args)
-    return args
-
-
-def run_steps(args: argparse.Namespace, on_step: Callable[[int], None]) -> dict[str, float]:
-    """`STEPS` pre-training steps of epoch 0, built as main_pretrain builds a run."""
-    device = torch.device(args.device)
-    configure_backends(device)
-    dataset = main_pretrain.build_dataset(args)
-    loader = main_pretrain.build_loader(dataset, args)
-    loader.sampler.set_epoch(0)
-    target = main_pretrain.build_target(args, device)
-    model = main_pretrain.build_model(args, target.pred_dim, target.loss_type).to(device)
-    args.lr, args.max_bad_images = args.blr * args.batch_size / 256, 0
-    optimizer = main_pretrain.build_optimizer(model, args)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    targets_fn = main_pretrain.build_targets_fn(args, target, model, device)
-    return train_one_epoch(model, Steps(loader, STEPS, on_step), optimizer, scaler, device, 0, args, targets_fn)
-
-
 def clear_device_constants() -> None:
     """Forget the cached device constants, so that the warm-up step has to make them again."""
     for cached in (data_utils._cached_constant, hog._kernel, hog._tiled_window):
@@ -160,16 +113,20 @@ def test_the_proxy_flags_a_per_step_device_constant(tmp_path, monkeypatch):
     assert {call.step for call in recorder.after_warmup()} == set(range(1, STEPS))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")
-@pytest.mark.parametrize("target", ["pixel", "hog"])
-def test_no_host_sync_between_logging_steps_on_cuda(target, tmp_path):
-    args = pretrain_args(target, "cuda", tmp_path, print_freq=100)  # logs (and syncs) at the first and last step
-
-    def sync_debug_mode(step: int) -> None:
-        torch.cuda.set_sync_debug_mode("error" if 1 <= step < STEPS - 1 else "default")
-
-    try:
-        stats = run_steps(args, sync_debug_mode)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+def test_the_gpu_check_turns_the_sync_debugger_on_between_logging_steps_only(tmp_path):
+    """benchmarks/sync_check.py (run on a GPU by gpu_check.sh): on the CPU, with the debugger's setter recorded,
+    it is "error" exactly for the steps between the first and the last, and "default" again at the end."""
+    modes: list[str] = []
+    stats = sync_check.check_no_sync("pixel", "cpu", tmp_path, set_mode=modes.append)
     assert torch.isfinite(torch.as_tensor(stats["loss"]))
+    assert modes == ["default", *["error"] * (STEPS - 2), "default", "default", "default"]
+
+    def failing_step(mode: str) -> None:
+        modes.append(mode)
+        if mode == "error":
+            raise RuntimeError("called a synchronizing CUDA operation")  # what torch raises in "error" mode
+
+    modes.clear()
+    with pytest.raises(RuntimeError, match="synchronizing"):
+        sync_check.check_no_sync("pixel", "cpu", tmp_path, set_mode=failing_step)
+    assert modes[-1] == "default"  # never left in "error" mode
