@@ -48,3 +48,25 @@ def write_image_folder(root: Path, num_images: int = 16, size: int = 48, classes
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "images")
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a run's checkpoint-last.pth (loaded with weights_only=True)."""
+    from util.checkpoint import load_checkpoint
+
+    return load_checkpoint(out / "checkpoint-last.pth")["model"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """||a - b|| / ||b|| over all floating tensors together. Per-tensor maxima mislead: AdamW turns float noise in
+    the near-zero gradients of zero-initialised biases into full-size steps."""
+    keys = [k for k in b if b[k].is_floating_point()]
+    diff = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in keys)
+    norm = sum(float(b[k].double().pow(2).sum()) for k in keys)
+    return (diff / norm) ** 0.5

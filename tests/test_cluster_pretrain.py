@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_FLAGS, write_image_folder
+from conftest import ROOT, TINY_FLAGS, relative_distance, write_image_folder
 
 import main_pretrain
 from util.checkpoint import load_checkpoint
@@ -77,13 +77,6 @@ def flags(data: Path, out: Path, *extra: str) -> list[str]:
     return ["--data_path", str(data), "--output_dir", str(out), *TINY_FLAGS, "--epochs", "1", "--warmup_epochs", "0",
             "--num_workers", "0", "--blr", "1e-3", "--device", "cpu", "--print_freq", "1", *extra]
 
-
-def relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """Global relative L2 distance over all tensors (per-tensor maxima mislead: AdamW turns float noise in the
-    near-zero gradients of zero-initialised biases into full-size steps)."""
-    diff = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a)
-    norm = sum(float(a[k].double().pow(2).sum()) for k in a)
-    return (diff / norm) ** 0.5
 
 
 def test_accumulation_under_ddp_all_reduces_once_per_update_and_matches_the_big_batch(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_FLAGS, write_image_folder
+from conftest import ROOT, TINY_FLAGS, assert_same_weights, final_weights, write_image_folder
 
 import main_pretrain
 import models_deepmim
@@ -34,14 +34,6 @@ def run_flags(data: Path, out: Path, *extra: str) -> list[str]:
             *extra]
 
 
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(out / "checkpoint-last.pth")["model"]
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 # A driver that runs main_pretrain and SIGKILLs its own process at a chosen point: right after the update of a

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, assert_same_weights, final_weights, relative_distance
 from test_finetune import labelled_folder, pretrain_checkpoint
 
 import main_finetune
@@ -97,22 +97,7 @@ def parse(module, argv: list[str]) -> argparse.Namespace:
     return module.get_args_parser().parse_args(argv)
 
 
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(out / "checkpoint-last.pth")["model"]
 
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
-def relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """||a - b|| / ||b|| over all floating tensors together (per-tensor maxima overweight near-zero tensors)."""
-    keys = [k for k in b if b[k].is_floating_point()]
-    diff = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in keys)
-    norm = sum(float(b[k].double().pow(2).sum()) for k in keys)
-    return (diff / norm) ** 0.5
 
 
 @pytest.fixture
