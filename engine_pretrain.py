@@ -24,8 +24,10 @@ from util.training import (
     autocast_context,
     check_bad_images,
 )
+from util.visualize import reconstruction_panels
 
-__all__ = ["NonFiniteLossError", "TargetsFn", "autocast_context", "compute_targets", "train_one_epoch"]
+__all__ = ["NonFiniteLossError", "TargetsFn", "autocast_context", "compute_targets", "reconstructions",
+           "train_one_epoch"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,3 +121,15 @@ def train_one_epoch(
     logger.info("Averaged stats: %s", metric_logger)
     return stats
 
+
+
+@torch.no_grad()
+def reconstructions(model: nn.Module, dataset: Any, targets_fn: TargetsFn | None, mask_ratio: float,
+                    num_images: int = 8) -> dict:
+    """Panels (original, masked, every decoder, DeepMIM+ targets) for the first images with a fixed mask."""
+    device = next(model.parameters()).device
+    samples = torch.stack([dataset[i][0] for i in range(min(num_images, len(dataset)))])
+    imgs = normalize_on_device(samples, device)
+    noise = torch.rand(len(imgs), model.num_patches, generator=torch.Generator().manual_seed(0)).to(device)
+    hybrid = compute_targets(targets_fn, imgs, noise)  # None for pixel targets, {block: target} for DeepMIM+
+    return reconstruction_panels(model, imgs, noise, mask_ratio, hybrid_targets=hybrid)

@@ -23,38 +23,27 @@ from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader, Dataset
 
 import models_deepmim
-from engine_pretrain import TargetsFn, train_one_epoch
+from engine_pretrain import TargetsFn, reconstructions, train_one_epoch
 from util import checkpoint as ckpt
-from util import distributed, targets
-from util.amp import configure_backends, resolve_machine
-from util.config import (
-    add_config_args,
-    add_global_batch_arg,
-    apply_global_batch,
-    config_yaml,
-    maybe_print_config,
-    parse_with_config,
-)
+from util import config, distributed, targets
+from util.amp import AMP_CHOICES, configure_backends, resolve_machine
 from util.datasets import (
     DemoPhotos,
     ResumableDistributedSampler,
     RobustSeededDataset,
     check_image_folder,
     ignore_stop_signals,
-    normalize_on_device,
 )
 from util.fast_data import build_fast_pretrain_dataset
 from util.hybrid import HybridGenerator, blend_targets, check_generator_file, check_hybrid_args
-from util.memory import estimate_training_memory, memory_advice
+from util.memory import warn_if_memory_short
 from util.misc import RunClock, append_json_log, log_summary, make_log_writer, seed_everything, setup_logging
 from util.preemption import GracefulStop
 from util.targets import TARGETS, Target, check_target_args
 from util.training import UpdateHook, add_compile_args, maybe_compile, wrap_ddp
-from util.visualize import grid_tensor, reconstruction_panels, save_grid_png
+from util.visualize import grid_tensor, save_grid_png
 
 logger = logging.getLogger("main_pretrain")
-
-AMP_CHOICES = ("bf16", "fp16", "none")
 
 # `--demo`: a small DeepMIM on 32x32 crops of real photographs, about a minute on two CPU cores.
 DEMO_SETTINGS = dict(
@@ -72,7 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch_size", default=64, type=int, help="images per process per step (paper: 4096 total)")
     run.add_argument("--epochs", default=1600, type=int, help="paper Tab. 2: 1600; ablations: 300")
     run.add_argument("--accum_iter", default=1, type=int, help="steps of gradient accumulation per update")
-    add_global_batch_arg(run)
+    config.add_global_batch_arg(run)
     run.add_argument("--demo", action="store_true", help="tiny DeepMIM on built-in photographs; see DEMO_SETTINGS")
 
     model = parser.add_argument_group("Model")
@@ -146,7 +135,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_compile_args(system)
     system.add_argument("--vis_freq", default=20, type=int,
                         help="log a reconstruction grid to TensorBoard every N epochs (0: never)")
-    add_config_args(parser)
+    config.add_config_args(parser)
     return parser
 
 
@@ -324,13 +313,13 @@ def main(args: argparse.Namespace) -> RunResult:
     resolve_machine(args)  # device and amp of this machine (in a SLURM job: the compute node)
     distributed.apply_legacy_launcher_args(args)
     dist_info = distributed.init_distributed(args.device, args.dist_url)
-    apply_global_batch(args, dist_info.world_size)  # a config's global batch: --accum_iter for this world size
+    config.apply_global_batch(args, dist_info.world_size)  # a config's global batch -> --accum_iter here
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     setup_logging(args.output_dir)
     if dist_info.distributed:  # logged again now that logging is set up (init ran before it)
         logger.info("distributed init: rank %d/%d (%s)", dist_info.rank, dist_info.world_size,
                     torch.distributed.get_backend())
-    logger.info("resolved arguments (a file --config accepts):\n%s", config_yaml(args))
+    logger.info("resolved arguments (a file --config accepts):\n%s", config.config_yaml(args))
     seed_everything(args.seed + dist_info.rank)
     device = torch.device(args.device, dist_info.local_rank) if args.device == "cuda" else torch.device(args.device)
 
@@ -346,8 +335,9 @@ def main(args: argparse.Namespace) -> RunResult:
     target = build_target(args, device)
     model = build_model(args, target.pred_dim, target.loss_type).to(device)
     model.set_grad_checkpointing(args.grad_ckpt)
-    if device.type == "cuda":
-        check_memory(model, args, device, dist_info.world_size)
+    if device.type == "cuda":  # warn, naming the flags that fit, before the first step runs out of memory
+        warn_if_memory_short(model, args.batch_size, args.input_size, args.amp, args.accum_iter, device,
+                             dist_info.world_size)
     eff_batch = args.batch_size * args.accum_iter * dist_info.world_size
     if args.lr is None:
         args.lr = args.blr * eff_batch / 256  # MAE / paper Appendix A: lr = base_lr * batch / 256
@@ -381,7 +371,8 @@ def main(args: argparse.Namespace) -> RunResult:
         writer.close()
     stopper.uninstall()
     if args.demo and args.target == "pixel" and distributed.is_main_process():
-        save_grid_png(reconstructions(model, dataset, targets_fn, args), Path(args.output_dir) / "reconstructions.png")
+        panels = reconstructions(model, dataset, targets_fn, args.mask_ratio)
+        save_grid_png(panels, Path(args.output_dir) / "reconstructions.png")
     log_summary("pre-training finished", {
         "checkpoints": f"{args.output_dir} (checkpoint-last.pth, checkpoint-<epoch>.pth every {args.save_freq})",
         "log": str(Path(args.output_dir) / "log.txt"), "TensorBoard": args.log_dir or "off",
@@ -392,20 +383,6 @@ def main(args: argparse.Namespace) -> RunResult:
         log_writer.close()
     distributed.cleanup()
     return RunResult(model, stats)
-
-
-def check_memory(model: torch.nn.Module, args: argparse.Namespace, device: torch.device, world_size: int) -> None:
-    """Estimate this GPU's peak memory for the chosen batch (four small forwards) and warn, naming the flags that
-    would fit (--batch_size/--accum_iter, --grad_ckpt, --use_volta32), before the first step runs out of memory.
-    Teachers and the DeepMIM+ generator are not counted."""
-    estimate = estimate_training_memory(model, args.batch_size, input_size=args.input_size, amp=args.amp,
-                                        device=device, ddp=world_size > 1)
-    _, total = torch.cuda.mem_get_info(device)
-    logger.info("memory estimate %.1f GiB of %.1f GiB: %s", estimate.total / 2**30, total / 2**30, estimate.summary())
-    advice = memory_advice(estimate, total, accum_iter=args.accum_iter, device_name=torch.cuda.get_device_name(device))
-    if advice:
-        logger.warning(advice)
-    torch.cuda.empty_cache()
 
 
 def _train_epoch(train_model, model, loader: DataLoader, dataset, optimizer, scaler, device: torch.device, epoch: int,
@@ -420,21 +397,11 @@ def _train_epoch(train_model, model, loader: DataLoader, dataset, optimizer, sca
     save(epoch, 0)
     append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch})
     if log_writer is not None and args.target == "pixel" and args.vis_freq and (epoch + 1) % args.vis_freq == 0:
-        log_writer.add_image("reconstructions", grid_tensor(reconstructions(model, dataset, targets_fn, args)), epoch)
+        panels = reconstructions(model, dataset, targets_fn, args.mask_ratio)
+        log_writer.add_image("reconstructions", grid_tensor(panels), epoch)
     if log_writer is not None:
         log_writer.flush()
     return stats
-
-
-def reconstructions(model, dataset: Dataset, targets_fn: TargetsFn | None, args: argparse.Namespace,
-                    num_images: int = 8) -> dict:
-    """Panels (original, masked, every decoder, DeepMIM+ targets) for the first images with a fixed mask."""
-    device = next(model.parameters()).device
-    samples = torch.stack([dataset[i][0] for i in range(min(num_images, len(dataset)))])
-    imgs = normalize_on_device(samples, device)
-    noise = torch.rand(len(imgs), model.num_patches, generator=torch.Generator().manual_seed(0)).to(device)
-    hybrid = targets_fn(imgs, noise) if args.hybrid_generator else None
-    return reconstruction_panels(model, imgs, noise, args.mask_ratio, hybrid_targets=hybrid)
 
 
 def _save(model, optimizer, scaler, args: argparse.Namespace, writer: ckpt.BackgroundWriter, epoch: int,
@@ -451,9 +418,9 @@ def _save(model, optimizer, scaler, args: argparse.Namespace, writer: ckpt.Backg
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate; bad arguments exit with status 2 and a message naming the flag."""
     parser = argparse.ArgumentParser("DeepMIM pre-training", parents=[get_args_parser()])
-    args = resolve_args(parse_with_config(parser, argv), parser)
+    args = resolve_args(config.parse_with_config(parser, argv), parser)
     try:
-        maybe_print_config(args, partial(validate_args, check_data=False), parser)  # --print_config: no data read
+        config.maybe_print_config(args, partial(validate_args, check_data=False), parser)  # reads no data
         validate_args(args)
     except ValueError as err:
         parser.error(str(err))

@@ -109,12 +109,12 @@ def test_estimate_leaves_the_random_streams_alone(tiny_model):
 
 
 def test_pretraining_start_up_check_warns_with_the_flags_that_fit(monkeypatch, caplog):
-    """main_pretrain.check_memory runs on CUDA only: here the device queries are mocked, the estimate is real."""
+    """util.memory.warn_if_memory_short runs on CUDA only (main_pretrain calls it at start): here the device queries
+    are mocked, the estimate is real."""
     import argparse
 
     from conftest import TINY
 
-    import main_pretrain
     import models_deepmim
 
     model = models_deepmim.create_model("deepmim_vit_small_patch16", **TINY)
@@ -124,10 +124,12 @@ def test_pretraining_start_up_check_warns_with_the_flags_that_fit(monkeypatch, c
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, needed))  # just too small
     with caplog.at_level("WARNING"):
-        main_pretrain.check_memory(model, args, torch.device("cpu"), world_size=1)
+        memory.warn_if_memory_short(model, args.batch_size, args.input_size, args.amp, args.accum_iter,
+                                    torch.device("cpu"), world_size=1)
     assert "--grad_ckpt" in caplog.text and "--batch_size" in caplog.text
     caplog.clear()
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**40, 2**40))  # plenty
     with caplog.at_level("WARNING"):
-        main_pretrain.check_memory(model, args, torch.device("cpu"), world_size=1)
+        memory.warn_if_memory_short(model, args.batch_size, args.input_size, args.amp, args.accum_iter,
+                                    torch.device("cpu"), world_size=1)
     assert "--grad_ckpt" not in caplog.text

@@ -23,12 +23,15 @@ This module imports nothing of the project: the model is an argument.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
 
 GiB = 2**30
 MiB = 2**20
@@ -356,3 +359,19 @@ def memory_advice(
     if len(lines) == 1:
         lines.append("  none found: use more GPUs, a smaller model or a smaller --input_size")
     return "\n".join(lines)
+
+
+def warn_if_memory_short(model: nn.Module, batch_size: int, input_size: int, amp: str, accum_iter: int,
+                         device: torch.device, world_size: int) -> MemoryEstimate:
+    """Start-up check on CUDA: estimate this GPU's peak memory for the chosen batch (a few small forwards), log it,
+    and warn, naming the flags that would fit (--batch_size/--accum_iter, --grad_ckpt, --use_volta32). Frozen
+    teachers and the DeepMIM+ generator are not counted."""
+    estimate = estimate_training_memory(model, batch_size, input_size=input_size, amp=amp, device=device,
+                                        ddp=world_size > 1)
+    _, total = torch.cuda.mem_get_info(device)
+    logger.info("memory estimate %.1f GiB of %.1f GiB: %s", estimate.total / 2**30, total / 2**30, estimate.summary())
+    advice = memory_advice(estimate, total, accum_iter=accum_iter, device_name=torch.cuda.get_device_name(device))
+    if advice:
+        logger.warning(advice)
+    torch.cuda.empty_cache()
+    return estimate
