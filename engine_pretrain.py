@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from analysis.visualize import reconstruction_panels
 from util import lr_sched
 from util.datasets import normalize_on_device
 from util.misc import MetricLogger, SmoothedValue
@@ -24,7 +25,6 @@ from util.training import (
     autocast_context,
     check_bad_images,
 )
-from util.visualize import reconstruction_panels
 
 __all__ = ["NonFiniteLossError", "TargetsFn", "autocast_context", "compute_targets", "reconstructions",
            "train_one_epoch"]

@@ -23,9 +23,13 @@ from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader, Dataset
 
 import models_deepmim
+import targets.build
+from analysis.visualize import grid_tensor, save_grid_png
 from engine_pretrain import TargetsFn, reconstructions, train_one_epoch
+from targets.build import TARGETS, Target, check_target_args
+from targets.hybrid import HybridGenerator, blend_targets, check_generator_file, check_hybrid_args
 from util import checkpoint as ckpt
-from util import config, distributed, targets
+from util import config, distributed
 from util.amp import AMP_CHOICES, configure_backends, resolve_machine
 from util.datasets import (
     DemoPhotos,
@@ -35,13 +39,10 @@ from util.datasets import (
     ignore_stop_signals,
 )
 from util.fast_data import build_fast_pretrain_dataset
-from util.hybrid import HybridGenerator, blend_targets, check_generator_file, check_hybrid_args
 from util.memory import warn_if_memory_short
 from util.misc import RunClock, append_json_log, log_summary, make_log_writer, seed_everything, setup_logging
 from util.preemption import GracefulStop
-from util.targets import TARGETS, Target, check_target_args
 from util.training import UpdateHook, add_compile_args, maybe_compile, wrap_ddp
-from util.visualize import grid_tensor, save_grid_png
 
 logger = logging.getLogger("main_pretrain")
 
@@ -277,7 +278,7 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.o
 
 
 def build_target(args: argparse.Namespace, device: torch.device) -> Target:
-    return targets.build_target(
+    return targets.build.build_target(
         args.target, patch_size=models_deepmim.encoder_patch_size(args.model, args.patch_size),
         img_size=args.input_size, norm_pix_loss=args.norm_pix_loss, teacher_path=args.teacher_path, device=device,
     )

@@ -25,7 +25,15 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from util.patches import gather_tokens, normalize_patches, patchify, sincos_pos_embed
+from models_vit import ARCH_KEYS, VIT_SIZES
+from util.patches import (
+    Masking,
+    gather_tokens,
+    normalize_patches,
+    patchify,
+    random_masking,
+    sincos_pos_embed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,41 +42,8 @@ SHARED_KEY = "shared"
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Small pure functions: position embeddings, masking, patchify
+# Small pure functions (position embeddings, masking and patchify live in util.patches)
 # --------------------------------------------------------------------------------------------------------------
-
-
-class Masking(NamedTuple):
-    """Indices of one random masking. mask: (N, L), 1 = removed; ids_restore: (N, L) unshuffles the token order;
-    ids_keep: (N, L_vis) visible positions; ids_masked: (N, L_m) removed positions, ascending."""
-
-    mask: Tensor
-    ids_restore: Tensor
-    ids_keep: Tensor
-    ids_masked: Tensor
-
-
-def num_visible(num_patches: int, mask_ratio: float) -> int:
-    """Number of patches the encoder sees: int(L * (1 - r)), as in MAE."""
-    return int(num_patches * (1 - mask_ratio))
-
-
-def random_masking(noise: Tensor, mask_ratio: float) -> Masking:
-    """Per-sample random masking by argsort of noise (MAE): the smallest noise values are kept.
-
-    noise: (N, L) in any range; the same noise always gives the same mask, which is how decoders, the hybrid
-    target generator and visualisations share one mask.
-    """
-    n, length = noise.shape
-    len_keep = num_visible(length, mask_ratio)
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :len_keep]
-    ids_masked = ids_shuffle[:, len_keep:].sort(dim=1).values
-    mask = torch.ones(n, length, device=noise.device)
-    mask[:, :len_keep] = 0
-    mask = torch.gather(mask, 1, ids_restore)
-    return Masking(mask, ids_restore, ids_keep, ids_masked)
 
 
 def reconstruction_loss(pred: Tensor, target: Tensor, loss_type: LossType = "mse") -> Tensor:
@@ -329,17 +304,11 @@ def check_supervised_blocks(blocks: Sequence[int], depth: int) -> None:
 # Registry
 # --------------------------------------------------------------------------------------------------------------
 
-ENCODERS = {  # name: (patch_size, embed_dim, depth, num_heads)
-    "vit_small_patch16": (16, 384, 12, 6),
-    "vit_base_patch16": (16, 768, 12, 12),
-    "vit_large_patch16": (16, 1024, 24, 16),
-    "vit_huge_patch14": (14, 1280, 32, 16),
-}
 MODELS: dict[str, Callable[..., MaskedAutoencoderDeepMIM]] = {}
 
 
 def _register(prefix: str, encoder: str, **defaults) -> None:
-    patch_size, embed_dim, depth, num_heads = ENCODERS[encoder]
+    patch_size, embed_dim, depth, num_heads = VIT_SIZES[encoder]
     name = f"{prefix}_{encoder}"
 
     def factory(**kwargs) -> MaskedAutoencoderDeepMIM:
@@ -354,25 +323,28 @@ def _register(prefix: str, encoder: str, **defaults) -> None:
     MODELS[name] = factory
 
 
-for _encoder in ENCODERS:
+for _encoder in VIT_SIZES:
     # DeepMIM: four independent 512-d decoders of 4 blocks on depth * {1/2, 2/3, 5/6, 1} (paper Sec. 3, Tab. 8).
     _register("deepmim", _encoder, decoder_embed_dim=512, decoder_depth=4, decoder_num_heads=16)
     # MAE baseline: one 512-d decoder of 8 blocks on the last block (MAE's own).
     _register("mae", _encoder, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
 
-def encoder_depth(name: str, depth: int | None = None) -> int:
-    """Depth of a registered model's encoder (or the override), without building it."""
+def _encoder_size(name: str, key: str, override: int | None) -> int:
+    """One size (`models_vit.ARCH_KEYS` entry) of a registered model's encoder, or the override, without building it."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
-    return depth if depth is not None else ENCODERS[name.split("_", 1)[1]][2]
+    return override if override is not None else dict(zip(ARCH_KEYS, VIT_SIZES[name.split("_", 1)[1]]))[key]
+
+
+def encoder_depth(name: str, depth: int | None = None) -> int:
+    """Depth of a registered model's encoder (or the override), without building it."""
+    return _encoder_size(name, "depth", depth)
 
 
 def encoder_patch_size(name: str, patch_size: int | None = None) -> int:
     """Patch size of a registered model (or the override), without building it."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
-    return patch_size if patch_size is not None else ENCODERS[name.split("_", 1)[1]][0]
+    return _encoder_size(name, "patch_size", patch_size)
 
 
 def create_model(name: str, **kwargs) -> MaskedAutoencoderDeepMIM:
@@ -461,5 +433,5 @@ def load_pretrained(model: MaskedAutoencoderDeepMIM, state_dict: Mapping[str, Te
     mismatched = [k for k, v in converted.items() if k in own and own[k].shape != v.shape]
     loadable = {k: v for k, v in converted.items() if k not in mismatched}
     result = model.load_state_dict(loadable, strict=False)
-    # No log here: the caller knows which keys it expects and logs the report once (util.features, util.hybrid).
+    # No log here: the caller knows which keys it expects and logs the report once (analysis.features, targets.hybrid).
     return LoadReport(sorted(set(result.missing_keys) | set(mismatched)), sorted(result.unexpected_keys), mismatched)

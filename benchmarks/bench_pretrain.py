@@ -3,7 +3,7 @@
 Each configuration runs the real training step (`engine_pretrain.train_one_epoch`: on-device normalisation of a
 uint8 batch, one masking noise for every decoder, autocast, targets, backward, AdamW) on a synthetic uint8 batch
 that stays in host memory, as a loader would hand it over. Model FLOPs come from the analytic count in
-util/flops.py (encoder on visible tokens, every decoder on all tokens, heads on masked tokens, frozen teacher /
+analysis/flops.py (encoder on visible tokens, every decoder on all tokens, heads on masked tokens, frozen teacher /
 generator forward once); the utilisation divides them by the machine's matrix-multiply peak for the autocast dtype,
 measured in the same run with large square matmuls.
 
@@ -47,8 +47,8 @@ from timm.optim import param_groups_weight_decay
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models_deepmim  # noqa: E402
+from analysis import flops  # noqa: E402
 from engine_pretrain import train_one_epoch  # noqa: E402
-from util import flops  # noqa: E402
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}
 TARGETS = ("pixel", "hog", "clip", "dino")
@@ -163,23 +163,23 @@ def frozen_under_student_autocast(enabled: bool):
     if not enabled:
         yield
         return
-    import util.hybrid
-    import util.teachers
+    import targets.hybrid
+    import targets.teachers
 
-    saved = util.teachers.frozen_autocast, util.hybrid.frozen_autocast
-    util.teachers.frozen_autocast = util.hybrid.frozen_autocast = lambda device: contextlib.nullcontext()
+    saved = targets.teachers.frozen_autocast, targets.hybrid.frozen_autocast
+    targets.teachers.frozen_autocast = targets.hybrid.frozen_autocast = lambda device: contextlib.nullcontext()
     try:
         yield
     finally:
-        util.teachers.frozen_autocast, util.hybrid.frozen_autocast = saved
+        targets.teachers.frozen_autocast, targets.hybrid.frozen_autocast = saved
 
 
 def build_teacher_target(name: str, grid: tuple[int, int], device: torch.device, attn: str):
     """A teacher target with randomly initialised weights: the cost of CLIP / DINO without their files."""
     import timm
 
-    from util.targets import TeacherTarget
-    from util.teachers import TEACHERS, FrozenTeacher
+    from targets.build import TeacherTarget
+    from targets.teachers import TEACHERS, FrozenTeacher
 
     spec = TEACHERS[name]
     vit = timm.create_model(spec.model, pretrained=False, num_classes=512 if spec.project else 0,
@@ -190,7 +190,7 @@ def build_teacher_target(name: str, grid: tuple[int, int], device: torch.device,
 
 def build_generator(student: models_deepmim.MaskedAutoencoderDeepMIM, args, device: torch.device):
     """DeepMIM-dagger's frozen MAE (ViT-B encoder, 8-block decoder) for the student's grid; random weights."""
-    from util.hybrid import HybridGenerator
+    from targets.hybrid import HybridGenerator
 
     mae = models_deepmim.create_model(f"mae_vit_base_patch{student.patch_size}", img_size=args.input_size,
                                       patch_size=student.patch_size, norm_pix_loss=True)
@@ -201,7 +201,7 @@ def build_generator(student: models_deepmim.MaskedAutoencoderDeepMIM, args, devi
 def make_targets_fn(model, target, generator, mask_ratio: float):
     """What main_pretrain.py's targets function does: model's own pixels (None), a target, or Eq. 1 blends."""
     if generator is not None:
-        from util.hybrid import DEFAULT_ALPHAS, blend_targets
+        from targets.hybrid import DEFAULT_ALPHAS, blend_targets
 
         def hybrid(imgs, noise):
             pixels = model.pixel_targets(imgs)
@@ -235,7 +235,7 @@ def run_config(
     grid = (args.input_size // patch, args.input_size // patch)
     target = None
     if target_name == "hog":
-        from util.targets import HogTarget
+        from targets.build import HogTarget
 
         target = HogTarget(patch)
     elif target_name in ("clip", "dino"):

@@ -19,7 +19,7 @@ Sections (each runs even when an earlier one failed; a failure is reported, neve
   memory         peak reserved memory of ViT-B DeepMIM training steps at batch 128 with and without --grad_ckpt,
                  and under a 16 GB cap (`torch.cuda.set_per_process_memory_fraction`), against util/memory.py's
                  estimate and advice
-  throughput     img/s and model FLOP utilisation (util/flops.py) of ViT-B DeepMIM and MAE against the GPU's
+  throughput     img/s and model FLOP utilisation (analysis/flops.py) of ViT-B DeepMIM and MAE against the GPU's
                  spec-sheet dense bf16 peak and a measured matmul peak, without and with torch.compile
                  (benchmarks/bench_pretrain.py's step)
   sync_debug     `python benchmarks/sync_check.py` (steps under torch.cuda.set_sync_debug_mode("error"))

@@ -480,7 +480,7 @@ def summarize(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], depth: int) -
 
 
 def _curves(ax, summary: Mapping[str, Any], key: str, ylabel: str, title: str) -> None:
-    from util.visualize import integer_ticks
+    from analysis.visualize import integer_ticks
 
     offsets = np.linspace(-0.12, 0.12, len(VARIANTS))
     for i, (variant, v) in enumerate(VARIANTS.items()):
@@ -497,7 +497,7 @@ def _curves(ax, summary: Mapping[str, Any], key: str, ylabel: str, title: str) -
 
 def plot_figures(summary: Mapping[str, Any], figures_dir: Path, n_seeds: int) -> dict[str, Path]:
     """probe_accuracy, cka_last_block, head_diversity, recon_loss PNGs (error bars: std over seeds)."""
-    from util.visualize import integer_ticks, new_figure, save_figure
+    from analysis.visualize import integer_ticks, new_figure, save_figure
 
     seeds = f"mean \u00b1 std over {n_seeds} seed{'s' * (n_seeds > 1)}"
     panels = {

@@ -8,7 +8,8 @@ import logging
 import pytest
 import torch
 
-from util import amp, teachers
+from targets import teachers
+from util import amp
 
 ALL_NEW_ARCHS = ["sm_80", "sm_90", "sm_100", "sm_120"]
 
@@ -148,7 +149,7 @@ def test_resolve_machine_on_cpu(no_gpu):
 
 
 def test_frozen_autocast_uses_native_bf16_only(fake_gpu, monkeypatch):
-    """Teachers and the hybrid generator (util.hybrid uses teachers.frozen_autocast) follow autocast_dtype_for."""
+    """Teachers and the hybrid generator (targets.hybrid uses teachers.frozen_autocast) follow autocast_dtype_for."""
     seen = []
     monkeypatch.setattr(torch, "autocast", lambda device_type, dtype=None, enabled=True: seen.append(dtype))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)

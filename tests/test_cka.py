@@ -1,11 +1,11 @@
-"""Linear CKA (util/cka.py): identities, invariances, agreement with a direct NumPy implementation, and the
+"""Linear CKA (analysis/cka.py): identities, invariances, agreement with a direct NumPy implementation, and the
 minibatch (unbiased HSIC) estimate against the full-batch value."""
 
 import numpy as np
 import pytest
 import torch
 
-from util.cka import MinibatchCKA, cka, gram_linear, hsic_biased, hsic_unbiased, hsic_unbiased_matrix
+from analysis.cka import MinibatchCKA, cka, gram_linear, hsic_biased, hsic_unbiased, hsic_unbiased_matrix
 
 
 def related_pair(n: int, p: int = 16, q: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

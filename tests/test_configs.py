@@ -20,9 +20,9 @@ import main_finetune
 import main_linprobe
 import main_pretrain
 import models_deepmim
+from targets.hog import hog_dim
 from util import config
 from util.checkpoint import save_atomic
-from util.hog import hog_dim
 
 CONFIGS = ROOT / "configs"
 MODULES = {"pretrain": main_pretrain, "finetune": main_finetune, "linprobe": main_linprobe}

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from engine_pretrain import compute_targets
-from util.hybrid import blend_targets
+from targets.build import HogTarget
+from targets.hybrid import blend_targets
 from util.patches import normalize_patches, patchify
-from util.targets import HogTarget
 
 
 def teacher_like(imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """A frozen network that opens its own bf16 autocast (as util/teachers.py does) and normalises its output."""
+    """A frozen network that opens its own bf16 autocast (as targets/teachers.py does) and normalises its output."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(8 * 8 * 3, 16)
     with torch.autocast(imgs.device.type, dtype=torch.bfloat16):

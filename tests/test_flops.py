@@ -1,4 +1,4 @@
-"""The analytic FLOP counter (util/flops.py): a hand computation for the tiny config, torch's own FlopCounterMode
+"""The analytic FLOP counter (analysis/flops.py): a hand computation for the tiny config, torch's own FlopCounterMode
 on real forward and backward passes, and the scaling of encoder FLOPs with the number of visible tokens."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from conftest import TINY
 from torch.utils.flop_counter import FlopCounterMode
 
 import models_deepmim as M
-from util import flops
-from util.hybrid import HybridGenerator
-from util.targets import TeacherTarget
-from util.teachers import FrozenTeacher
+from analysis import flops
+from targets.build import TeacherTarget
+from targets.hybrid import HybridGenerator
+from targets.teachers import FrozenTeacher
 
 
 def unfused_attention(module: torch.nn.Module) -> torch.nn.Module:
@@ -60,7 +60,7 @@ def test_forward_and_backward_match_torch_flop_counter(tiny_deepmim):
 
     total = counted(lambda: model(imgs, 0.75, noise)[0].backward())
     # The only difference: the patch embedding computes no gradient for the images (one conv-sized product
-    # less per image, see util/flops.py).
+    # less per image, see analysis/flops.py).
     assert total == step.total - 3 * flops.patch_embed_flops(model.patch_embed.proj, model.num_patches)
 
 

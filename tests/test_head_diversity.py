@@ -1,19 +1,19 @@
-"""Head diversity (util/head_diversity.py) and the feature extraction it relies on (util/features.py): per-head
+"""Head diversity (analysis/head_diversity.py) and the feature extraction it relies on (analysis/features.py): per-head
 attention outputs and per-block token features of the unmasked encoder."""
 
 import numpy as np
 import pytest
 import torch
 
-from models_deepmim import create_model
-from util.features import (
+from analysis.features import (
     attention_head_outputs,
     capture_head_outputs,
     embed_unmasked,
     encoder_block_features,
     pool_tokens,
 )
-from util.head_diversity import HeadSimilarity, head_cosine_similarity, mean_pairwise, pairwise_values
+from analysis.head_diversity import HeadSimilarity, head_cosine_similarity, mean_pairwise, pairwise_values
+from models_deepmim import create_model
 
 
 def tiny_model(**overrides):

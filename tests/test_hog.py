@@ -8,7 +8,7 @@ import torch
 from skimage.feature import hog
 from skimage.feature._hoghistogram import hog_histograms  # skimage's own cell histograms, before normalisation
 
-from util.hog import cell_histograms, gaussian_window, hog_dim, hog_targets
+from targets.hog import cell_histograms, gaussian_window, hog_dim, hog_targets
 
 RTOL = 1e-4
 
@@ -113,7 +113,7 @@ def test_bad_sizes_are_rejected():
 
 def test_filter_kernels_and_window_are_made_once_per_device_and_dtype():
     """No per-call host-to-device copy (a stream sync on a GPU): constants are cached, results unchanged."""
-    from util import hog as hog_module
+    from targets import hog as hog_module
 
     pixels = torch.rand(2, 3, 32, 32) * 255
     first = hog_targets(pixels, 16, window=16)

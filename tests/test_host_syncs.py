@@ -28,8 +28,8 @@ import pytest
 import torch
 from conftest import ROOT
 
+from targets import hog
 from util import datasets as data_utils
-from util import hog
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import sync_check  # noqa: E402

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from models_deepmim import create_model, reconstruction_loss
-from util import hybrid
-from util.checkpoint import save_atomic
-from util.hybrid import (
+from targets import hybrid
+from targets.hybrid import (
     DEFAULT_ALPHAS,
     HybridGenerator,
     blend_targets,
@@ -16,6 +15,7 @@ from util.hybrid import (
     infer_mae_config,
     to_target_space,
 )
+from util.checkpoint import save_atomic
 from util.patches import gather_tokens, normalize_patches, patchify
 
 STUDENT = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, decoder_embed_dim=32, decoder_depth=1,

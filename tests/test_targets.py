@@ -5,10 +5,10 @@ import timm
 import torch
 
 from models_deepmim import create_model
+from targets.build import TARGETS, HogTarget, PixelTarget, build_target, check_target_args
+from targets.hog import hog_targets
 from util.datasets import normalize_on_device
-from util.hog import hog_targets
 from util.patches import normalize_patches, patchify
-from util.targets import TARGETS, HogTarget, PixelTarget, build_target, check_target_args
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, decoder_embed_dim=32, decoder_depth=1,
             decoder_num_heads=4)

@@ -11,14 +11,14 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from util.datasets import IMAGENET_MEAN, IMAGENET_STD
-from util.teachers import (
+from targets.teachers import (
     CLIP_MEAN,
     CLIP_STD,
     build_teacher,
     load_teacher_weights,
     read_torchscript_weights,
 )
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD
 
 
 def imagenet_normalise(pixels: torch.Tensor) -> torch.Tensor:

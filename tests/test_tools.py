@@ -1,5 +1,5 @@
 """The analysis tools end to end on tiny checkpoints on CPU (tools/*.py), and the shared helpers of
-util/features.py: checkpoint loading, argument validation, the fixed image sets and masks."""
+analysis/features.py: checkpoint loading, argument validation, the fixed image sets and masks."""
 
 import importlib.util
 import json
@@ -17,13 +17,14 @@ from timm.layers import resample_abs_pos_embed
 import main_linprobe
 import models_deepmim
 import models_vit
+from analysis import features
+from analysis.head_diversity import head_cosine_similarity, mean_pairwise
+from analysis.visualize import grid_png_size
 from models_deepmim import MaskedAutoencoderDeepMIM, create_model
 from tools import export_encoder
-from util import amp, features
+from util import amp
 from util.checkpoint import load_checkpoint, save_atomic
-from util.head_diversity import head_cosine_similarity, mean_pairwise
 from util.patches import sincos_pos_embed
-from util.visualize import grid_png_size
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, decoder_embed_dim=32, decoder_depth=1,
@@ -241,7 +242,7 @@ def test_usage_errors_exit_with_the_message(files, tmp_path, monkeypatch, capsys
     assert "nowhere.pth" in capsys.readouterr().err
 
 
-# -- util/features.py --------------------------------------------------------------------------------------------
+# -- analysis/features.py --------------------------------------------------------------------------------------------
 
 
 def test_released_weights_load_with_the_model_flag(files, tmp_path, monkeypatch):

@@ -1,14 +1,11 @@
-"""Reconstruction figures (util/visualize.py): panels, un-normalisation of per-patch-normalised predictions,
+"""Reconstruction figures (analysis/visualize.py): panels, un-normalisation of per-patch-normalised predictions,
 the TensorBoard grid and the labelled PNG."""
 
 import pytest
 import torch
 from PIL import Image
 
-from models_deepmim import create_model, random_masking
-from util.datasets import denormalize
-from util.patches import normalize_patches, patchify
-from util.visualize import (
+from analysis.visualize import (
     TITLE_PX,
     estimate_patch_stats,
     grid_png_size,
@@ -17,6 +14,9 @@ from util.visualize import (
     reconstruction_panels,
     save_grid_png,
 )
+from models_deepmim import create_model, random_masking
+from util.datasets import denormalize
+from util.patches import normalize_patches, patchify
 
 
 def tiny_model(**overrides):

@@ -31,9 +31,9 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-from util import features  # noqa: E402
-from util.cka import MIN_BATCH, MinibatchCKA, gram_linear  # noqa: E402
-from util.visualize import integer_ticks, new_figure, save_figure  # noqa: E402
+from analysis import features  # noqa: E402
+from analysis.cka import MIN_BATCH, MinibatchCKA, gram_linear  # noqa: E402
+from analysis.visualize import integer_ticks, new_figure, save_figure  # noqa: E402
 
 logger = logging.getLogger("tools.cka")
 

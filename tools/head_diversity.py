@@ -2,7 +2,7 @@
 """Attention-head diversity per layer (paper Fig. 6: DeepMIM's heads are more diverse than MAE's).
 
 For every encoder layer, the cosine similarity between the outputs of every pair of attention heads on unmasked
-images (the definition is in util/head_diversity.py), drawn as a scatter of all pairs with the layer mean as a large
+images (the definition is in analysis/head_diversity.py), drawn as a scatter of all pairs with the layer mean as a large
 dot, one panel per checkpoint side by side.
 
     python tools/head_diversity.py --ckpt mae.pth deepmim.pth --names MAE DeepMIM --data_path /data/imagenet \\
@@ -27,9 +27,9 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-from util import features  # noqa: E402
-from util.head_diversity import HeadSimilarity, mean_pairwise, pairwise_values  # noqa: E402
-from util.visualize import integer_ticks, new_figure, save_figure  # noqa: E402
+from analysis import features  # noqa: E402
+from analysis.head_diversity import HeadSimilarity, mean_pairwise, pairwise_values  # noqa: E402
+from analysis.visualize import integer_ticks, new_figure, save_figure  # noqa: E402
 
 logger = logging.getLogger("tools.head_diversity")
 

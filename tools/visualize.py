@@ -3,7 +3,7 @@
 reconstruction of every decoder, labelled by the block it reads (paper Fig. 2's decoders).
 
 Every checkpoint sees the same images and, for equal patch grids, the same masks (`--seed`). Predictions of
-per-patch-normalised decoders are un-normalised with statistics of the visible patches (see util/visualize.py).
+per-patch-normalised decoders are un-normalised with statistics of the visible patches (see analysis/visualize.py).
 For DeepMIM†, `--hybrid_generator` adds each decoder's hybrid target t = a x + (1 - a) x_hat (Eq. 1), x_hat being
 the generator's reconstruction under the same mask.
 
@@ -29,10 +29,10 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
+from analysis import features  # noqa: E402
+from analysis.visualize import PATCH_STATS, file_stem, reconstruction_panels, save_grid_png  # noqa: E402
 from models_deepmim import random_masking  # noqa: E402
-from util import features  # noqa: E402
-from util.hybrid import DEFAULT_ALPHAS, HybridGenerator, blend_targets, check_hybrid_args  # noqa: E402
-from util.visualize import PATCH_STATS, file_stem, reconstruction_panels, save_grid_png  # noqa: E402
+from targets.hybrid import DEFAULT_ALPHAS, HybridGenerator, blend_targets, check_hybrid_args  # noqa: E402
 
 logger = logging.getLogger("tools.visualize")
 

@@ -1,11 +1,46 @@
-"""Patch-level tensor operations shared by the model, targets and figures: patchify, per-patch normalisation,
-token gathering, and MAE's fixed 2-D sin-cos position embedding."""
+"""Patch-level tensor operations shared by the model, targets and figures: MAE's random masking, patchify, per-patch
+normalisation, token gathering, and MAE's fixed 2-D sin-cos position embedding."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from timm.layers import build_sincos2d_pos_embed
 from torch import Tensor
+
+
+class Masking(NamedTuple):
+    """Indices of one random masking. mask: (N, L), 1 = removed; ids_restore: (N, L) unshuffles the token order;
+    ids_keep: (N, L_vis) visible positions; ids_masked: (N, L_m) removed positions, ascending."""
+
+    mask: Tensor
+    ids_restore: Tensor
+    ids_keep: Tensor
+    ids_masked: Tensor
+
+
+def num_visible(num_patches: int, mask_ratio: float) -> int:
+    """Number of patches the encoder sees: int(L * (1 - r)), as in MAE."""
+    return int(num_patches * (1 - mask_ratio))
+
+
+def random_masking(noise: Tensor, mask_ratio: float) -> Masking:
+    """Per-sample random masking by argsort of noise (MAE): the smallest noise values are kept.
+
+    noise: (N, L) in any range; the same noise always gives the same mask, which is how decoders, the hybrid
+    target generator and visualisations share one mask.
+    """
+    n, length = noise.shape
+    len_keep = num_visible(length, mask_ratio)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    ids_masked = ids_shuffle[:, len_keep:].sort(dim=1).values
+    mask = torch.ones(n, length, device=noise.device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return Masking(mask, ids_restore, ids_keep, ids_masked)
 
 
 def sincos_pos_embed(grid_size: tuple[int, int], dim: int, cls_token: bool = True) -> Tensor:

@@ -104,8 +104,8 @@ def vit_forward_flops(vit: nn.Module, project: bool = False) -> int:
 def frozen_forward_flops(
     target: object | None = None, generator: object | None = None, mask_ratio: float = 0.75
 ) -> int:
-    """Per-image FLOPs of the frozen work done once per batch: a teacher target (`util.targets.TeacherTarget`) and/or
-    a DeepMIM-dagger generator (`util.hybrid.HybridGenerator`: encoder + last decoder predicting all patches).
+    """Per-image FLOPs of the frozen work done once per batch: a teacher target (`targets.build.TeacherTarget`) and/or
+    a DeepMIM-dagger generator (`targets.hybrid.HybridGenerator`: encoder + last decoder predicting all patches).
     Pixel and HOG targets count as 0 (no matrix multiplies)."""
     flops = 0
     teacher = getattr(target, "teacher", None)

@@ -30,6 +30,7 @@ from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
 import models_deepmim
+import models_vit
 from models_deepmim import MaskedAutoencoderDeepMIM
 from util import amp
 from util.checkpoint import load_checkpoint
@@ -81,7 +82,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def is_classifier_config(cfg: Mapping[str, Any]) -> bool:
     """True for the "model_cfg" of a fine-tuned or linear-probe classifier (main_finetune.py, main_linprobe.py:
     name 'vit_base_patch16', ...), False for a pre-training one ('deepmim_vit_base_patch16', 'mae_...')."""
-    return str(cfg.get("name")) in models_deepmim.ENCODERS
+    return str(cfg.get("name")) in models_vit.VIT_SIZES
 
 
 def encoder_from_classifier_config(cfg: Mapping[str, Any], img_size: int | None = None) -> MaskedAutoencoderDeepMIM:
@@ -157,7 +158,7 @@ def load_model(
 
 def known_model_names() -> list[str]:
     """Values `--model` takes: registered pre-training models, then classifier (fine-tuned) names."""
-    return sorted(models_deepmim.MODELS) + sorted(models_deepmim.ENCODERS)
+    return sorted(models_deepmim.MODELS) + sorted(models_vit.VIT_SIZES)
 
 
 def no_decoder_message(path: str | os.PathLike, what: str) -> str:

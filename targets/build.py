@@ -7,8 +7,8 @@ which loss compares them (`loss_type`, see `models_deepmim.reconstruction_loss`)
 | target | C (ViT-B/16)      | loss        | source                                                        |
 |--------|-------------------|-------------|---------------------------------------------------------------|
 | pixel  | 768 (p*p*3)       | mse         | MAE; `--norm_pix_loss` normalises each patch                  |
-| hog    | 108               | mse         | MaskFeat's HOG (util/hog.py)                                  |
-| clip   | 512               | cosine      | frozen CLIP ViT-B/16 tokens after ln_post @ proj (util/teachers.py) |
+| hog    | 108               | mse         | MaskFeat's HOG (targets/hog.py)                                  |
+| clip   | 512               | cosine      | frozen CLIP ViT-B/16 tokens after ln_post @ proj (targets/teachers.py) |
 | dino   | 768               | cosine      | frozen DINO ViT-B/16 tokens after the final norm              |
 
 The cosine loss is 2 - 2 cos per masked token, what the released DeepMIM-CLIP code optimises.
@@ -24,10 +24,10 @@ import torch
 from torch import Tensor
 
 from models_deepmim import LossType
+from targets.hog import HOG_CELL, hog_dim, hog_targets
+from targets.teachers import FrozenTeacher, build_teacher
 from util.datasets import imagenet_mean_std
-from util.hog import HOG_CELL, hog_dim, hog_targets
 from util.patches import normalize_patches, patchify
-from util.teachers import FrozenTeacher, build_teacher
 
 TARGETS = ("pixel", "hog", "clip", "dino")
 TEACHER_TARGETS = ("clip", "dino")

@@ -22,16 +22,16 @@ import torch
 from torch import Tensor
 
 from models_deepmim import (
-    ENCODERS,
     MaskedAutoencoderDeepMIM,
     create_model,
     encoder_patch_size,
     load_pretrained,
     model_from_config,
 )
+from models_vit import VIT_SIZES
+from targets.teachers import frozen_autocast
 from util.checkpoint import load_checkpoint
 from util.patches import patchify
-from util.teachers import frozen_autocast
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def infer_mae_config(state_dict: Mapping[str, Tensor]) -> dict:
     embed_dim, _, patch_size, _ = state_dict["patch_embed.proj.weight"].shape
     depth = _count_indexed(state_dict, "blocks")
     grid = round((state_dict["pos_embed"].shape[1] - 1) ** 0.5)
-    known = {(p, d, n): (name, h) for name, (p, d, n, h) in ENCODERS.items()}
+    known = {(p, d, n): (name, h) for name, (p, d, n, h) in VIT_SIZES.items()}
     name, num_heads = known.get((patch_size, embed_dim, depth), ("vit_base_patch16", embed_dim // 64))
     return dict(
         name=f"mae_{name}", img_size=grid * patch_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,

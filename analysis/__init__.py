@@ -1,0 +1,11 @@
+"""The paper's analyses of what each layer learned, as library code for `tools/` and the benchmarks.
+
+- `analysis.features`: load any checkpoint as a model, per-block encoder features and per-head attention outputs,
+  a fixed set of evaluation images, the flags the tools share;
+- `analysis.cka`: linear CKA between layers (Fig. 4, Fig. 5);
+- `analysis.head_diversity`: cosine similarity between attention heads (Fig. 6);
+- `analysis.visualize`: reconstruction figures of every decoder;
+- `analysis.flops`: the analytic FLOP count of a pre-training step (model FLOP utilisation).
+
+Layer: above the models, below the engines and entry scripts.
+"""
