@@ -41,6 +41,7 @@ from util.datasets import (
 from util.fast_data import build_fast_pretrain_dataset
 from util.memory import warn_if_memory_short
 from util.misc import RunClock, append_json_log, log_summary, make_log_writer, seed_everything, setup_logging
+from util.patches import num_visible
 from util.preemption import GracefulStop
 from util.training import UpdateHook, add_compile_args, maybe_compile, wrap_ddp
 
@@ -175,7 +176,7 @@ def validate_args(args: argparse.Namespace, check_data: bool = True) -> None:
     if args.input_size % patch:
         raise ValueError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")
     num_patches = (args.input_size // patch) ** 2
-    visible = models_deepmim.num_visible(num_patches, args.mask_ratio)
+    visible = num_visible(num_patches, args.mask_ratio)
     if not 0 < visible < num_patches:
         raise ValueError(f"--mask_ratio {args.mask_ratio} leaves {visible} of {num_patches} patches visible")
     _validate_blocks(args)
