@@ -1,7 +1,8 @@
-"""One epoch of fine-tuning or linear probing, and top-1/top-5 evaluation (MAE's engine_finetune).
+"""One epoch of fine-tuning or linear probing, top-1/top-5 evaluation (MAE's engine_finetune), and `Run`: the epoch
+loop of a whole run with resume, evaluation and checkpoints.
 
-Both main_finetune.py and main_linprobe.py use these two functions; only the model, criterion, optimizer and
-augmentation differ. Training follows engine_pretrain's step: gradient accumulation costs one all-reduce per
+Both main_finetune.py and main_linprobe.py use this module; only the model, criterion, optimizer and augmentation
+differ. Training follows engine_pretrain's step: gradient accumulation costs one all-reduce per
 optimizer update under DDP, losses are checked for non-finite values collectively at logging steps, and logged
 values are means over ranks. Evaluation under `--dist_eval` is exact: DistributedSampler pads the last shard with
 copies of the first samples, which are skipped here, and correct counts (not per-rank means) are summed over ranks,
@@ -10,9 +11,11 @@ so any number of processes reports the same accuracy as one.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,16 +24,22 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from timm.utils import accuracy
 from torch import Tensor, nn
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader
 
+from util import checkpoint as ckpt
 from util import distributed, lr_sched
-from util.misc import MetricLogger, SmoothedValue
+from util.cls_run import report, write_eval_record
+from util.misc import MetricLogger, RunClock, SmoothedValue, append_json_log, log_summary, make_log_writer
+from util.preemption import GracefulStop
 from util.training import (
     NonFiniteGuard,
     NonFiniteLossError,
+    UpdateHook,
     accumulation_context,
     autocast_context,
     check_bad_images,
+    maybe_compile,
+    wrap_ddp,
 )
 
 logger = logging.getLogger(__name__)
@@ -129,18 +138,6 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     optimizer.zero_grad(set_to_none=True)
 
 
-def real_samples_on_rank(sampler: DistributedSampler) -> int:
-    """How many of this rank's samples are real rather than DistributedSampler's padding.
-
-    With drop_last=False the sampler repeats the first samples until the list divides by the number of ranks;
-    rank r takes positions r, r + W, r + 2W, ... of that list, so its padded samples are its last ones: those at
-    positions >= len(dataset).
-    """
-    if sampler.drop_last:
-        raise ValueError("evaluation needs DistributedSampler(drop_last=False): dropping samples changes accuracy")
-    return len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))  # type: ignore[arg-type]
-
-
 @torch.no_grad()
 def evaluate(
     data_loader: Iterable,
@@ -154,7 +151,7 @@ def evaluate(
 
     Args:
         num_samples: count only the first `num_samples` samples this rank sees (the rest are sampler padding, see
-            `real_samples_on_rank`); None counts all.
+            `util.cls_data.real_samples_on_rank`); None counts all.
         sharded: ranks hold disjoint shards (`--dist_eval`): counts are summed over ranks. Otherwise every rank
             evaluated the whole set and its own counts are the answer.
 
@@ -187,3 +184,150 @@ def evaluate(
     logger.info("* Acc@1 %.3f Acc@5 %.3f loss %.3f (%d images)", stats["acc1"], stats["acc5"], stats["loss"],
                 stats["n"])
     return stats
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A whole fine-tuning or linear-probing run: resume, epoch loop, evaluation, checkpoints
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Run:
+    """One fine-tuning or linear-probing run: resume, epoch loop with evaluation,
+    checkpoints, mid-epoch saves and graceful stops.
+
+    Checkpoints (util.checkpoint's training state plus "best_acc"): checkpoint-last.pth (every epoch end and every
+    --save_every_iters updates), checkpoint-<epoch>.pth every --save_freq epochs, checkpoint-best.pth (best val top-1,
+    at epoch ends). Evaluation runs at epoch ends only.
+    """
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        model: nn.Module,
+        criterion: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loaders: tuple[DataLoader, DataLoader, int | None],
+        mixup_fn: Mixup | None = None,
+    ):
+        self.args, self.bare, self.criterion, self.optimizer = args, model, criterion, optimizer
+        self.mixup_fn = mixup_fn
+        self.train_loader, self.val_loader, self.num_real_val = loaders
+        self.device = torch.device(args.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
+        self.best_acc, self.start_step = 0.0, 0
+
+    def resume(self, state: Mapping[str, Any]) -> None:
+        """Load --resume: the weights only under --eval; else everything, after util.checkpoint's checks that the
+        checkpoint belongs to this experiment (flags, and the layout of a mid-epoch checkpoint)."""
+        args = self.args
+        try:
+            ckpt.check_model_fits(self.bare, state, args.resume)
+        except ValueError as err:
+            raise ValueError(f"--resume {args.resume} is not a checkpoint of this script (pre-trained encoders go to "
+                             f"--finetune): {err}") from err
+        if args.eval:
+            self.bare.load_state_dict(state["model"])
+            return
+        self.start_step = ckpt.restore_training_state(state, self.bare, self.optimizer, self.scaler, args,
+                                                      path=args.resume)
+        self.best_acc = float(state.get("best_acc", 0.0))
+
+    def evaluate(self) -> dict[str, float]:
+        sharded = self.num_real_val is not None
+        return evaluate(self.val_loader, self.bare, self.device, self.args.amp, self.num_real_val, sharded)
+
+    def save(self, epoch: int, step: int, is_best: bool = False) -> None:
+        """Checkpoint after `step` steps of `epoch` (0: the epoch is done). A collective (every rank's RNG);
+        rank 0 writes."""
+        args = self.args
+        if not args.output_dir:
+            return
+        state = ckpt.training_state(self.bare, self.optimizer, self.scaler, epoch, step, args,
+                                    best_acc=self.best_acc)
+        ckpt.save_training_checkpoint(state, args.output_dir, args.save_freq, args.epochs)
+        if is_best and distributed.is_main_process():
+            ckpt.save_atomic(state, Path(args.output_dir) / "checkpoint-best.pth")
+
+    def fit(self) -> dict[str, float]:
+        """Train from (args.start_epoch, self.start_step) to args.epochs, evaluating and checkpointing after each
+        epoch; a stop signal saves and exits (status 0). Returns the last val stats and the best top-1."""
+        args = self.args
+        logger.info("start training for %d epochs (lr %.3e, %d trainable parameters)", args.epochs, args.lr,
+                    self.num_trainable())
+        log_writer = make_log_writer(args.log_dir)
+        stopper = GracefulStop().install()
+        clock = RunClock(args.start_epoch, args.epochs)
+        try:
+            train_model = wrap_ddp(maybe_compile(self.bare, args.compile, args.compile_backend), self.device)
+            test_stats = self.train_epochs(train_model, stopper, log_writer, clock)
+        finally:
+            stopper.uninstall()
+            if log_writer is not None:
+                log_writer.close()
+        if not test_stats:  # resumed a finished run: nothing trained, report the checkpoint
+            test_stats = self.evaluate()
+        log_summary("training finished", {
+            "checkpoints": f"{args.output_dir} (checkpoint-last.pth, checkpoint-best.pth, checkpoint-<epoch>.pth "
+                           f"every {args.save_freq})",
+            "log": str(Path(args.output_dir) / "log.txt"), "TensorBoard": args.log_dir or "off",
+            "top-1": f"last {test_stats['acc1']:.2f}%, best {self.best_acc:.2f}%", "wall time": clock.elapsed(),
+        })
+        return {**test_stats, "best_acc1": self.best_acc}
+
+    def train_epochs(self, model: nn.Module, stopper: GracefulStop, log_writer: Any,
+                     clock: RunClock) -> dict[str, float]:
+        """The epoch loop of `fit` (`model`: the DDP-wrapped model); returns the last epoch's val stats."""
+        args, test_stats, start_step = self.args, {}, self.start_step
+        on_update = UpdateHook(self.save, stopper, args.accum_iter, args.save_every_iters, args.print_freq)
+        for epoch in range(args.start_epoch, args.epochs):
+            clock.log_epoch_start(epoch)
+            self.train_loader.dataset.set_epoch(epoch)
+            self.train_loader.sampler.set_epoch(epoch)
+            self.train_loader.sampler.set_start_step(start_step)
+            train_stats = train_one_epoch(model, self.criterion, self.train_loader, self.optimizer, self.scaler,
+                                          self.device, epoch, args, self.mixup_fn, log_writer, start_step, on_update)
+            start_step = 0
+            test_stats = self.evaluate()
+            is_best = test_stats["acc1"] > self.best_acc
+            self.best_acc = max(self.best_acc, test_stats["acc1"])
+            self.save(epoch, 0, is_best)
+            logger.info("Accuracy of the network on the %d test images: %.1f%% (max %.2f%%)", test_stats["n"],
+                        test_stats["acc1"], self.best_acc)
+            log_epoch(args, log_writer, epoch, train_stats, test_stats, self.num_trainable())
+            if stopper.stop_requested():  # a collective: every rank stops after the same epoch
+                stopper.finish()
+        return test_stats
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.bare.parameters() if p.requires_grad)
+
+
+def log_epoch(args: argparse.Namespace, log_writer: Any, epoch: int, train_stats: Mapping[str, float],
+              test_stats: Mapping[str, float], n_parameters: int) -> None:
+    """One JSON line in log.txt and the test scalars in TensorBoard (rank 0)."""
+    if log_writer is not None:
+        for key in ("acc1", "acc5", "loss"):
+            log_writer.add_scalar(f"perf/test_{key}", test_stats[key], epoch)
+        log_writer.flush()
+    append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
+                                      **{f"test_{k}": v for k, v in test_stats.items()},
+                                      "epoch": epoch, "n_parameters": n_parameters})
+
+
+def execute(run: Run, checkpoint: Mapping[str, Any] | None, what: str) -> dict[str, float]:
+    """Resume if asked, then train (or --eval); prints the result, ends the process group, returns the stats."""
+    args = run.args
+    try:
+        if args.resume:
+            run.resume(checkpoint)
+        if args.eval:
+            stats = run.evaluate()
+            report(stats, f"{what} evaluation of {args.resume}")
+            write_eval_record(args, stats)
+        else:
+            stats = run.fit()
+            report(stats, what)
+    finally:
+        distributed.cleanup()
+    return stats
+

@@ -26,9 +26,10 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import Lars
 from torch import nn
 
-import main_finetune as ft
 import models_vit
-from util.cls_data import linprobe_transform
+from engine_finetune import Run, execute
+from util import cls_run
+from util.cls_data import build_datasets, build_loaders, linprobe_transform
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +39,9 @@ HEAD_INIT_STD = 0.01  # MAE's main_linprobe: trunc_normal_(head.weight, std=0.01
 
 # --demo: digits from the demo pre-training checkpoint, under a minute on a 2-core CPU, about 90% top-1. LARS moves
 # each weight matrix by lr * 0.001 of its norm per step; MAE's recipe takes ~7000 steps at lr 6.4, the demo ~130, hence
-# its large base lr. Without augmentation, as the fine-tuning demo (see main_finetune.DEMO_OVERRIDES).
+# its large base lr. Without augmentation, as the fine-tuning demo (see main_finetune.py's DEMO_OVERRIDES).
 DEMO_OVERRIDES: dict[str, Any] = dict(
-    finetune=ft.DEMO_PRETRAIN_CHECKPOINT, output_dir="./output_demo/linprobe", log_dir="./output_demo/linprobe",
+    finetune=cls_run.DEMO_PRETRAIN_CHECKPOINT, output_dir="./output_demo/linprobe", log_dir="./output_demo/linprobe",
     nb_classes=10, epochs=12, batch_size=128, blr=100.0, warmup_epochs=1, no_aug=True, num_workers=0,
     print_freq=10, save_freq=100,
 )
@@ -55,14 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
     g.add_argument("--print_freq", default=20, type=int, help="log every N steps")
 
-    g = parser.add_argument_group("Model")
-    g.add_argument("--model", default=None, type=str, help=f"one of {', '.join(models_vit.VIT_SIZES)}; default: "
-                   "the --finetune checkpoint's encoder, else vit_base_patch16")
-    g.add_argument("--input_size", default=None, type=int,
-                   help="image size; default: the pre-training size of --finetune, else 224")
-    for name in models_vit.ARCH_KEYS:
-        g.add_argument(f"--{name}", default=None, type=int,
-                       help="default: the --finetune checkpoint's value, else the registry's")
+    models_vit.add_arch_args(parser)
 
     g = parser.add_argument_group("Optimizer (LARS)")
     g.add_argument("--weight_decay", default=0.0, type=float, help="weight decay of the head's weight (MAE: 0)")
@@ -80,24 +74,24 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="probe block K's raw output, average-pooled over patch tokens (1..depth; the encoder "
                         "stops at block K; overrides the pooling flags)")
 
-    ft.add_common_args(parser)
+    cls_run.add_common_args(parser)
     return parser
 
 
 def resolve_args(args: argparse.Namespace) -> dict[str, Any] | None:
     """Validate and complete the flags; returns the loaded source checkpoint. Raises ValueError naming the flag."""
-    ft.apply_demo_overrides(args, get_args_parser(), DEMO_OVERRIDES)
-    ft.check_common_args(args)
+    cls_run.apply_demo_overrides(args, get_args_parser(), DEMO_OVERRIDES)
+    cls_run.check_common_args(args)
     if not args.finetune and not args.resume:
         raise ValueError("--finetune is required: linear probing needs a pre-trained encoder")
-    checkpoint = ft.load_source_checkpoint(args)  # `--resume auto` with nothing to resume: from --finetune
+    checkpoint = cls_run.load_source_checkpoint(args)  # `--resume auto` with nothing to resume: from --finetune
     if checkpoint is None:
         raise ValueError(f"--finetune is required: --resume {args.resume or 'auto'} found no checkpoint in "
                          f"--output_dir {args.output_dir}, and linear probing needs a pre-trained encoder")
     cfg = checkpoint.get("model_cfg")
     if args.resume and cfg is not None and "probe_block" in cfg:
         args.probe_block = cfg["probe_block"]  # a run in progress keeps its probed block
-    ft.resolve_architecture(args, checkpoint)
+    models_vit.resolve_architecture(args, checkpoint)
     if args.probe_block is not None:
         models_vit.check_last_blocks(args.probe_block, args.depth, "--probe_block")
     return checkpoint
@@ -161,17 +155,17 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
 
 def train(args: argparse.Namespace, checkpoint: Mapping[str, Any] | None) -> dict[str, float]:
     """Linear probing (or --eval) with flags completed by `resolve_args` and its source checkpoint."""
-    device = ft.setup_run(args)
-    train_set, val_set = ft.build_datasets(args, linprobe_transform(not args.no_aug, args.input_size),
+    device = cls_run.setup_run(args)
+    train_set, val_set = build_datasets(args, linprobe_transform(not args.no_aug, args.input_size),
                                            linprobe_transform(False, args.input_size))
-    loaders = ft.build_loaders(args, train_set, val_set)
+    loaders = build_loaders(args, train_set, val_set)
     config = dict(name=args.model, img_size=args.input_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
                   depth=args.depth, num_heads=args.num_heads, num_classes=args.nb_classes, drop_path_rate=0.0,
                   global_pool=args.global_pool, probe_block=args.probe_block)
     model = build_probe(config, None if args.resume else checkpoint).to(device)
-    run = ft.Run(args, model, nn.CrossEntropyLoss(), build_optimizer(model, args), loaders)
+    run = Run(args, model, nn.CrossEntropyLoss(), build_optimizer(model, args), loaders)
     what = f"block {args.probe_block}" if args.probe_block else ("global pool" if args.global_pool else "cls token")
-    return ft.execute(run, checkpoint, f"Linear probe ({what})")
+    return execute(run, checkpoint, f"Linear probe ({what})")
 
 
 def main(args: argparse.Namespace) -> dict[str, float]:
@@ -181,4 +175,4 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
 if __name__ == "__main__":
     cli = argparse.ArgumentParser("DeepMIM linear probing", parents=[get_args_parser()])
-    train(*ft.parse_and_resolve(cli, resolve_args))
+    train(*cls_run.parse_and_resolve(cli, resolve_args))

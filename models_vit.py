@@ -12,7 +12,9 @@ blocks before fine-tuning (Fig. 8).
 
 from __future__ import annotations
 
+import argparse
 import logging
+import math
 import re
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -23,6 +25,8 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models._manipulate import named_apply
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 from torch import Tensor, nn
+
+from util.config import check_range
 
 logger = logging.getLogger(__name__)
 
@@ -222,3 +226,59 @@ def reinit_last_blocks(model: VisionTransformer, k: int) -> None:
     with torch.no_grad():
         for block in model.blocks[depth - k:]:
             named_apply(init_weights_vit_timm, block)
+
+# --------------------------------------------------------------------------------------------------------------
+# Architecture flags of the classification scripts (main_finetune.py, main_linprobe.py)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def add_arch_args(parser: argparse.ArgumentParser, input_size_help: str = "") -> argparse._ArgumentGroup:
+    """The "Model" flags: --model, --input_size and one per `ARCH_KEYS` entry, all filled by `resolve_architecture`;
+    returns the group for script-specific model flags."""
+    g = parser.add_argument_group("Model")
+    g.add_argument("--model", default=None, type=str, help=f"one of {', '.join(VIT_SIZES)}; default: "
+                   "the --finetune checkpoint's encoder, else vit_base_patch16")
+    g.add_argument("--input_size", default=None, type=int,
+                   help=f"image size; default: the pre-training size of --finetune, else 224 {input_size_help}".strip())
+    for name in ARCH_KEYS:
+        g.add_argument(f"--{name}", default=None, type=int,
+                       help="default: the --finetune checkpoint's value, else the registry's")
+    return g
+
+
+def resolve_architecture(args: argparse.Namespace, checkpoint: Mapping[str, Any] | None) -> None:
+    """Fill --model / --input_size / --patch_size / --embed_dim / --depth / --num_heads.
+
+    A --resume checkpoint fixes the whole classifier (its "model_cfg"); otherwise values not given on the command
+    line come from the --finetune checkpoint's "model_cfg" (this project's checkpoints), then from the registry.
+    """
+    cfg = checkpoint.get("model_cfg") if checkpoint is not None else None
+    if cfg is not None and args.resume:
+        for key, flag in (("num_classes", "nb_classes"), ("global_pool", "global_pool")):
+            if key in cfg and getattr(args, flag) not in (None, cfg[key]):
+                logger.warning("--%s %s replaced by the --resume checkpoint's %s", flag, getattr(args, flag), cfg[key])
+            if key in cfg:
+                setattr(args, flag, cfg[key])
+    if cfg is not None:
+        encoder = encoder_config(cfg)
+        fixed = bool(args.resume)  # a run in progress keeps its architecture
+        for key in ("model", "input_size", *ARCH_KEYS):
+            source = {"model": "name", "input_size": "img_size"}.get(key, key)
+            if getattr(args, key) is None or fixed:
+                setattr(args, key, encoder[source])
+    args.model = args.model or "vit_base_patch16"
+    if args.model not in VIT_SIZES:
+        raise ValueError(f"--model {args.model!r} is unknown; known: {', '.join(VIT_SIZES)}")
+    args.input_size = args.input_size or 224
+    sizes = dict(zip(ARCH_KEYS, VIT_SIZES[args.model]))
+    for key in ARCH_KEYS:
+        if getattr(args, key) is None:
+            setattr(args, key, sizes[key])
+        check_range(args, key, 1, math.inf)
+    if args.input_size % args.patch_size:
+        raise ValueError(f"--input_size {args.input_size} must be a multiple of --patch_size {args.patch_size}")
+    if args.embed_dim % args.num_heads:
+        raise ValueError(f"--embed_dim {args.embed_dim} must be a multiple of --num_heads {args.num_heads}")
+    for flag in ("trainable_blocks", "reinit_blocks"):
+        if getattr(args, flag, None) is not None:
+            check_last_blocks(getattr(args, flag), args.depth, f"--{flag}")

@@ -19,9 +19,10 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import engine_finetune
 import main_finetune
 import models_deepmim
+from util import cls_run
 from util.amp import resolve_machine
 from util.checkpoint import load_checkpoint, save_atomic
-from util.cls_data import DigitsDemo, finetune_transform, posterize_zero_bits_black
+from util.cls_data import DigitsDemo, finetune_transform, posterize_zero_bits_black, real_samples_on_rank
 
 
 def pretrain_checkpoint(path: Path, seed: int = 0) -> Path:
@@ -78,7 +79,7 @@ def test_layer_decay_scales_and_no_decay_on_tokens():
 
 def test_lr_is_blr_times_effective_batch_over_256():
     args = argparse.Namespace(lr=None, blr=1e-3, batch_size=64, accum_iter=2)
-    assert main_finetune.resolve_lr(args, world_size=4) == pytest.approx(1e-3 * 64 * 2 * 4 / 256)
+    assert cls_run.resolve_lr(args, world_size=4) == pytest.approx(1e-3 * 64 * 2 * 4 / 256)
 
 
 def test_device_and_amp_are_resolved_in_the_job_not_at_submission(setup, tmp_path):
@@ -157,7 +158,7 @@ def test_trainable_blocks_step_leaves_frozen_weights_bit_identical(setup, tmp_pa
                  "--max_bad_images", "0")
     checkpoint = main_finetune.resolve_args(args)
     resolve_machine(args)
-    main_finetune.resolve_lr(args, 1)
+    cls_run.resolve_lr(args, 1)
     model = main_finetune.build_model(args, checkpoint)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
     model(x).logsumexp(dim=1).sub(model(x)[range(4), y]).mean().backward()
@@ -178,7 +179,7 @@ def test_real_samples_on_rank_counts_each_sample_once():
     for n in (1, 7, 8, 10):
         for world in (2, 3):
             samplers = [DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=False) for r in range(world)]
-            counts = [engine_finetune.real_samples_on_rank(s) for s in samplers]
+            counts = [real_samples_on_rank(s) for s in samplers]
             assert sum(counts) == n
             seen = [i for s, c in zip(samplers, counts) for i in list(s)[:c]]
             assert sorted(seen) == list(range(n))  # the counted prefixes are exactly the dataset, once each
@@ -195,7 +196,7 @@ def test_evaluate_over_shards_equals_one_process():
         sampler = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=False)
         loader = DataLoader(data, sampler=sampler, batch_size=3)
         shards.append(engine_finetune.evaluate(loader, model, torch.device("cpu"),
-                                               num_samples=engine_finetune.real_samples_on_rank(sampler)))
+                                               num_samples=real_samples_on_rank(sampler)))
     assert sum(s["n"] for s in shards) == whole["n"] == 7
     assert sum(s["acc1"] * s["n"] for s in shards) == pytest.approx(whole["acc1"] * 7)
     assert sum(s["loss"] * s["n"] for s in shards) == pytest.approx(whole["loss"] * 7)

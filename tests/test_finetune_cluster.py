@@ -36,6 +36,7 @@ DRIVER = """
 import argparse, json, os, signal, sys, time
 sys.path.insert(0, {root!r})
 import util.training as training
+from util import cls_run
 module_name, mode, kill_at, out = {module!r}, {mode!r}, ({epoch}, {step}), {out!r}
 calls = {{"rounds": 0, "buckets": 0}}
 if mode == "count":
@@ -70,8 +71,7 @@ else:
     training.UpdateHook.__call__ = call
 module = __import__(module_name)
 cli = argparse.ArgumentParser(module_name, parents=[module.get_args_parser()])
-args, checkpoint = module.ft.parse_and_resolve(cli, module.resolve_args) if module_name == "main_linprobe" else \\
-    module.parse_and_resolve(cli, module.resolve_args)
+args, checkpoint = cls_run.parse_and_resolve(cli, module.resolve_args)
 module.train(args, checkpoint)
 if mode == "count":
     with open(os.path.join(out, "allreduce_rank" + os.environ["RANK"] + ".json"), "w") as f:

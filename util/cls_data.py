@@ -1,5 +1,6 @@
-"""Classification data: MAE's fine-tuning and linear-probing transforms, ImageFolder train/val sets, and the built-in
-labelled demo set (scikit-learn's handwritten digits, upsampled to RGB at the model's input size).
+"""Classification data: MAE's fine-tuning and linear-probing transforms, ImageFolder train/val sets, the built-in
+labelled demo set (scikit-learn's handwritten digits, upsampled to RGB at the model's input size), and the datasets
+and loaders of a fine-tuning or linear-probing run.
 
 Transforms return float tensors normalised with ImageNet's mean/std (Mixup/CutMix and random erasing work on
 normalised images, as in MAE).
@@ -7,22 +8,36 @@ normalised images, as in MAE).
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 from PIL import Image
 from timm.data import create_transform
 from timm.data.auto_augment import RandAugment
 from timm.data.auto_augment import posterize as timm_posterize
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
-from util.datasets import IMAGENET_MEAN, IMAGENET_STD, GuardedLoader, check_image_folder
+from util import distributed
+from util.datasets import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    GuardedLoader,
+    ResumableDistributedSampler,
+    RobustSeededDataset,
+    check_image_folder,
+    ignore_stop_signals,
+)
+
+logger = logging.getLogger(__name__)
 
 Split = Literal["train", "val"]
 SPLITS: tuple[Split, Split] = ("train", "val")
@@ -156,3 +171,83 @@ class DigitsDemo(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor | Image.Image, int]:
         image = self.image(index)
         return (self.transform(image) if self.transform else image), int(self.targets[index])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The datasets and loaders of a fine-tuning or linear-probing run
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_datasets(
+    args: argparse.Namespace, train_transform: Callable, val_transform: Callable
+) -> tuple[RobustSeededDataset, Dataset]:
+    """ImageFolder train/val under --data_path, or the digits demo; checks the classes against --nb_classes.
+
+    The training set draws each sample's augmentation from (--seed, epoch, index), so a resumed run (any worker
+    count) sees the same images, and replaces unreadable images (counted, see --max_bad_images)."""
+    if args.demo:
+        train = DigitsDemo("train", args.input_size, train_transform)
+        val = DigitsDemo("val", args.input_size, val_transform)
+    else:
+        train = build_image_folder(args.data_path, "train", train_transform)
+        val = build_image_folder(args.data_path, "val", val_transform)
+        if train.classes != val.classes:
+            raise ValueError(f"--data_path {args.data_path}: train/ and val/ have different class folders")
+    check_num_classes(args, len(train.classes))
+    if not args.eval and len(train) < args.batch_size * distributed.get_world_size():
+        raise ValueError(f"--batch_size {args.batch_size} x {distributed.get_world_size()} ranks exceeds the "
+                         f"{len(train)} training images (the last incomplete batch is dropped)")
+    return RobustSeededDataset(train, args.seed), val
+
+
+def check_num_classes(args: argparse.Namespace, found: int) -> None:
+    """--nb_classes from the training folders when not given; a given value that is smaller than the folders' count
+    stops the run, a larger one (a subset of a bigger label set) is allowed with a warning."""
+    if args.nb_classes is None:
+        args.nb_classes = found
+        logger.info("--nb_classes %d: the class folders of the training set", found)
+    elif found > args.nb_classes:
+        raise ValueError(f"--nb_classes {args.nb_classes} is smaller than the {found} classes found in the training "
+                         "set; leave --nb_classes out to take it from the folders")
+    elif found < args.nb_classes:
+        logger.warning("--nb_classes %d but the training set has %d class folders: %d logits never see a positive "
+                       "example (leave --nb_classes out to take it from the folders)", args.nb_classes, found,
+                       args.nb_classes - found)
+
+
+def build_loaders(args: argparse.Namespace, train: Dataset, val: Dataset) -> tuple[DataLoader, DataLoader, int | None]:
+    """Loaders (train: shuffled per (--seed, epoch), can start mid-epoch, incomplete batch dropped; val: in order)
+    and this rank's real val count. Also fills --max_bad_images (default 1 % of this rank's epoch)."""
+    world, rank = distributed.get_world_size(), distributed.get_rank()
+    train_sampler = ResumableDistributedSampler(train, args.batch_size, num_replicas=world, rank=rank, shuffle=True,
+                                                seed=args.seed, drop_last=True)
+    if args.max_bad_images is None:
+        args.max_bad_images = max(1, len(train_sampler) // 100)
+    num_real = None
+    if args.dist_eval and world > 1:
+        val_sampler = DistributedSampler(val, num_replicas=world, rank=rank, shuffle=False)
+        num_real = real_samples_on_rank(val_sampler)
+    else:
+        val_sampler = SequentialSampler(val)
+    # Workers ignore stop signals (the main process saves, then shuts them down). Training workers persist across
+    # epochs: the epoch travels with the sampler's indices. Own generators leave the global RNG to the model.
+    common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.startswith("cuda"),
+                  worker_init_fn=ignore_stop_signals)
+    train_loader = DataLoader(train, sampler=train_sampler, batch_size=args.batch_size, drop_last=True,
+                              generator=torch.Generator().manual_seed(args.seed),
+                              persistent_workers=args.num_workers > 0, **common)
+    val_loader = DataLoader(val, sampler=val_sampler, batch_size=args.batch_size, drop_last=False,
+                            generator=torch.Generator().manual_seed(args.seed), **common)
+    return train_loader, val_loader, num_real
+
+
+def real_samples_on_rank(sampler: DistributedSampler) -> int:
+    """How many of this rank's samples are real rather than DistributedSampler's padding.
+
+    With drop_last=False the sampler repeats the first samples until the list divides by the number of ranks;
+    rank r takes positions r, r + W, r + 2W, ... of that list, so its padded samples are its last ones: those at
+    positions >= len(dataset).
+    """
+    if sampler.drop_last:
+        raise ValueError("evaluation needs DistributedSampler(drop_last=False): dropping samples changes accuracy")
+    return len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))  # type: ignore[arg-type]

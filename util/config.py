@@ -267,3 +267,17 @@ def apply_global_batch(args: argparse.Namespace, world_size: int) -> None:
                          f"= --batch_size {args.batch_size} x world size {world_size} x {accum_iter}; give one of "
                          "them")
     args.accum_iter = accum_iter
+
+
+def check_range(args: argparse.Namespace, name: str, low: float, high: float, low_open: bool = False,
+                high_open: bool = False) -> None:
+    """Raise ValueError naming --`name` unless its value (None: not set) lies in the interval; the bounds are
+    closed unless `low_open` / `high_open`."""
+    value = getattr(args, name)
+    if value is None:
+        return
+    ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"--{name} must be in {interval}, got {value}")
+
