@@ -31,6 +31,7 @@ from util import distributed, lr_sched
 from util.cls_run import report, write_eval_record
 from util.misc import MetricLogger, RunClock, SmoothedValue, append_json_log, log_summary, make_log_writer
 from util.preemption import GracefulStop
+from util.resume import check_model_fits, restore_training_state
 from util.training import (
     NonFiniteGuard,
     NonFiniteLossError,
@@ -217,19 +218,18 @@ class Run:
         self.best_acc, self.start_step = 0.0, 0
 
     def resume(self, state: Mapping[str, Any]) -> None:
-        """Load --resume: the weights only under --eval; else everything, after util.checkpoint's checks that the
+        """Load --resume: the weights only under --eval; else everything, after util.resume's checks that the
         checkpoint belongs to this experiment (flags, and the layout of a mid-epoch checkpoint)."""
         args = self.args
         try:
-            ckpt.check_model_fits(self.bare, state, args.resume)
+            check_model_fits(self.bare, state, args.resume)
         except ValueError as err:
             raise ValueError(f"--resume {args.resume} is not a checkpoint of this script (pre-trained encoders go to "
                              f"--finetune): {err}") from err
         if args.eval:
             self.bare.load_state_dict(state["model"])
             return
-        self.start_step = ckpt.restore_training_state(state, self.bare, self.optimizer, self.scaler, args,
-                                                      path=args.resume)
+        self.start_step = restore_training_state(state, self.bare, self.optimizer, self.scaler, args, path=args.resume)
         self.best_acc = float(state.get("best_acc", 0.0))
 
     def evaluate(self) -> dict[str, float]:

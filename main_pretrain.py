@@ -29,7 +29,7 @@ from engine_pretrain import TargetsFn, reconstructions, train_one_epoch
 from targets.build import TARGETS, Target, check_target_args
 from targets.hybrid import HybridGenerator, blend_targets, check_generator_file, check_hybrid_args
 from util import checkpoint as ckpt
-from util import config, distributed
+from util import config, distributed, resume
 from util.amp import AMP_CHOICES, configure_backends, resolve_machine
 from util.datasets import (
     DemoPhotos,
@@ -347,7 +347,7 @@ def main(args: argparse.Namespace) -> RunResult:
                 eff_batch, args.lr, args.amp)
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    start_step = ckpt.resume_training(model, optimizer, scaler, args) if args.resume else 0
+    start_step = resume.resume_training(model, optimizer, scaler, args) if args.resume else 0
     targets_fn = build_targets_fn(args, target, model, device)
     train_model = wrap_ddp(maybe_compile(model, args.compile, args.compile_backend), device)
     ckpt.write_run_info(args)

@@ -433,5 +433,5 @@ def load_pretrained(model: MaskedAutoencoderDeepMIM, state_dict: Mapping[str, Te
     mismatched = [k for k, v in converted.items() if k in own and own[k].shape != v.shape]
     loadable = {k: v for k, v in converted.items() if k not in mismatched}
     result = model.load_state_dict(loadable, strict=False)
-    # No log here: the caller knows which keys it expects and logs the report once (analysis.features, targets.hybrid).
+    # No log here: the caller knows which keys it expects and logs the report once (analysis.loading, targets.hybrid).
     return LoadReport(sorted(set(result.missing_keys) | set(mismatched)), sorted(result.unexpected_keys), mismatched)

@@ -13,6 +13,7 @@ from conftest import TINY
 
 import models_deepmim
 from util import checkpoint as ckpt
+from util import resume
 
 LOGGER = "util.checkpoint"
 
@@ -67,7 +68,7 @@ def restore(state: dict, args: argparse.Namespace, world_size: int = 1, amp: str
     model = linear(1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     grad_scaler = scaler(amp or args.amp)
-    step = ckpt.restore_training_state(state, model, optimizer, grad_scaler, args, path="/runs/a/checkpoint-last.pth",
+    step = resume.restore_training_state(state, model, optimizer, grad_scaler, args, path="/runs/a/checkpoint-last.pth",
                                        world_size=world_size)
     return step, model, optimizer, grad_scaler
 
@@ -82,7 +83,7 @@ def test_changed_hybrid_alphas_refused_naming_flag_and_nothing_loaded():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = weights(model)
     with pytest.raises(ValueError) as err:
-        ckpt.restore_training_state(state, model, optimizer, scaler("bf16"), args, path="ckpt.pth", world_size=1)
+        resume.restore_training_state(state, model, optimizer, scaler("bf16"), args, path="ckpt.pth", world_size=1)
     message = str(err.value)
     assert "--hybrid_alphas: [0.0, 1.0] -> [0.25, 0.75]" in message
     assert "--output_dir" in message and "--resume_allow_changes hybrid_alphas" in message
@@ -113,7 +114,7 @@ def test_changed_supervised_blocks_is_named_not_a_load_state_dict_error(tmp_path
     before = weights(new)
     args = run_args(supervised_blocks=[4], output_dir=str(tmp_path))
     with pytest.raises(ValueError) as err:
-        ckpt.resume_training(new, optimizer, scaler("bf16"), args)
+        resume.resume_training(new, optimizer, scaler("bf16"), args)
     message = str(err.value)
     assert "--supervised_blocks: [2, 4] -> [4]" in message and "checkpoint-last.pth" in message
     assert "size mismatch" not in message and "state_dict" not in message
@@ -149,25 +150,25 @@ def test_ignored_settings_never_block_and_amp_change_is_logged(caplog):
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         restore(state, args)
     assert "--amp changed 'bf16' -> 'fp16'" in caplog.text
-    assert not ckpt.changed_settings(state["args"], args)
+    assert not resume.changed_settings(state["args"], args)
 
 
 def test_keys_on_one_side_only_are_not_compared():
     saved = {**vars(run_args()), "removed_flag": 3}
-    assert ckpt.changed_settings(saved, run_args(added_flag=True)) == {}
-    assert ckpt.changed_settings(saved, run_args(seed=5)) == {"seed": (0, 5)}
+    assert resume.changed_settings(saved, run_args(added_flag=True)) == {}
+    assert resume.changed_settings(saved, run_args(seed=5)) == {"seed": (0, 5)}
 
 
 def test_tuples_equal_their_stored_lists_and_finetune_source_compared_only_when_given():
     saved = ckpt.plain_args(run_args(finetune="/ckpt/pretrain.pth"))
-    assert ckpt.changed_settings(saved, run_args(hybrid_alphas=(0.0, 1.0), finetune="")) == {}
-    assert "finetune" in ckpt.changed_settings(saved, run_args(finetune="/ckpt/other.pth"))
+    assert resume.changed_settings(saved, run_args(hybrid_alphas=(0.0, 1.0), finetune="")) == {}
+    assert "finetune" in resume.changed_settings(saved, run_args(finetune="/ckpt/other.pth"))
 
 
 def test_allowed_changes_parsing():
-    assert ckpt.allowed_changes(None) == set()
-    assert ckpt.allowed_changes("epochs, --blr") == {"epochs", "blr"}
-    assert ckpt.allowed_changes(["--epochs", "blr,lr"]) == {"epochs", "blr", "lr"}
+    assert resume.allowed_changes(None) == set()
+    assert resume.allowed_changes("epochs, --blr") == {"epochs", "blr"}
+    assert resume.allowed_changes(["--epochs", "blr,lr"]) == {"epochs", "blr", "lr"}
 
 
 def test_unknown_allowed_name_is_warned(caplog):
@@ -192,7 +193,7 @@ def test_mid_epoch_checkpoint_refused_under_another_layout(saved_changes, curren
     optimizer = torch.optim.AdamW(model.parameters())
     before = weights(model)
     with pytest.raises(ValueError) as err:
-        ckpt.restore_training_state(state, model, optimizer, scaler("bf16"), args, world_size=1)
+        resume.restore_training_state(state, model, optimizer, scaler("bf16"), args, world_size=1)
     message = str(err.value)
     assert line in message and "mid-epoch" in message and "checkpoint-<epoch>.pth" in message
     assert "same number of processes" in message
@@ -203,7 +204,7 @@ def test_mid_epoch_world_size_of_old_checkpoints_comes_from_their_rng():
     state = saved_state(run_args(), step=3)
     del state["world_size"]
     state["rng"] = state["rng"] * 4
-    assert ckpt.checkpoint_world_size(state) == 4
+    assert resume.checkpoint_world_size(state) == 4
     with pytest.raises(ValueError, match=r"world size \(processes\): 4 -> 1"):
         restore(state, run_args())
 
@@ -221,7 +222,7 @@ def test_mid_epoch_refusal_names_newest_epoch_end_checkpoint(tmp_path):
     ckpt.save_training_checkpoint(saved_state(args, step=5, epoch=4, world_size=8), str(tmp_path), 1, 10)
     model = linear(1)
     with pytest.raises(ValueError, match=r"checkpoint-3\.pth"):
-        ckpt.resume_training(model, torch.optim.AdamW(model.parameters()), scaler("bf16"), args)
+        resume.resume_training(model, torch.optim.AdamW(model.parameters()), scaler("bf16"), args)
 
 
 def test_epoch_end_other_world_size_refused_only_through_the_derived_lr(caplog):
@@ -284,17 +285,17 @@ def test_training_state_rejects_unsafe_or_clashing_extras():
 
 def test_load_resume_state_and_resume_training(tmp_path, caplog):
     args = run_args(output_dir=str(tmp_path), resume="")
-    assert ckpt.load_resume_state(args) == (None, None)
+    assert resume.load_resume_state(args) == (None, None)
     args.resume = "auto"
-    with caplog.at_level(logging.INFO, logger=LOGGER):
-        assert ckpt.load_resume_state(args) == (None, None)
+    with caplog.at_level(logging.INFO, logger="util.resume"):
+        assert resume.load_resume_state(args) == (None, None)
     assert "no checkpoint" in caplog.text
     model = linear(1)
-    assert ckpt.resume_training(model, torch.optim.AdamW(model.parameters()), scaler("bf16"), args) == 0
+    assert resume.resume_training(model, torch.optim.AdamW(model.parameters()), scaler("bf16"), args) == 0
     ckpt.save_training_checkpoint(saved_state(args, step=2, epoch=1), str(tmp_path), save_freq=1, epochs=4)
-    path, state = ckpt.load_resume_state(args)
+    path, state = resume.load_resume_state(args)
     assert path.name == "checkpoint-last.pth" and state["iter"] == 2
-    assert ckpt.resume_training(model, torch.optim.AdamW(model.parameters()), scaler("bf16"), args) == 2
+    assert resume.resume_training(model, torch.optim.AdamW(model.parameters()), scaler("bf16"), args) == 2
     assert args.start_epoch == 1 and torch.equal(model.weight, state["model"]["weight"])
 
 
@@ -302,7 +303,7 @@ def test_restore_without_optimizer_or_checks_for_evaluation():
     state = saved_state(run_args())
     model = linear(1)
     args = run_args(epochs=99, eval=True)
-    ckpt.restore_training_state(state, model, None, None, args, check_args=False)
+    resume.restore_training_state(state, model, None, None, args, check_args=False)
     assert torch.equal(model.weight, state["model"]["weight"])
 
 
@@ -312,7 +313,7 @@ def test_other_architecture_without_stored_args_is_a_clear_error():
     model = torch.nn.Linear(5, 2)
     before = weights(model)
     with pytest.raises(ValueError, match=r"another architecture.*weight: \(2, 3\) stored, \(2, 5\) here"):
-        ckpt.restore_training_state(state, model, None, None, run_args(), path="x.pth")
+        resume.restore_training_state(state, model, None, None, run_args(), path="x.pth")
     assert torch.equal(model.weight, before["weight"])
 
 
@@ -380,6 +381,6 @@ def test_a_process_under_umask_022_writes_0644(tmp_path):
 def test_the_same_global_batch_split_otherwise_is_not_a_change():
     saved = {"global_batch_size": 4096, "batch_size": 128, "accum_iter": 1, "blr": 1.5e-4}
     moved = argparse.Namespace(global_batch_size=4096, batch_size=64, accum_iter=4, blr=1.5e-4)
-    assert ckpt.changed_settings(saved, moved) == {}
+    assert resume.changed_settings(saved, moved) == {}
     other = argparse.Namespace(global_batch_size=2048, batch_size=64, accum_iter=4, blr=1.5e-4)
-    assert set(ckpt.changed_settings(saved, other)) == {"global_batch_size", "batch_size", "accum_iter"}
+    assert set(resume.changed_settings(saved, other)) == {"global_batch_size", "batch_size", "accum_iter"}

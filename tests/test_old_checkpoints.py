@@ -12,7 +12,7 @@ from conftest import write_image_folder
 
 import main_finetune
 import main_pretrain
-from analysis.features import load_model
+from analysis.loading import load_model
 from util.checkpoint import load_checkpoint
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from util import checkpoint as ckpt
-from util import distributed
+from util import distributed, resume
 from util.amp import AMP_CHOICES, configure_backends, resolve_machine
 from util.cls_data import check_classification_folders
 from util.config import (
@@ -137,7 +137,7 @@ def load_source_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
     --finetune) when there is none yet.
     """
     if args.resume:
-        path, state = ckpt.load_resume_state(args)
+        path, state = resume.load_resume_state(args)
         if state is not None:
             args.resume = str(path)
             return state
