@@ -22,7 +22,8 @@ from typing import NamedTuple
 
 from torch import nn
 
-from models_deepmim import Decoder, MaskedAutoencoderDeepMIM, num_visible
+from models_deepmim import Decoder, MaskedAutoencoderDeepMIM
+from util.patches import num_visible
 
 BACKWARD_FACTOR = 2  # backward of a matmul = two matmuls of the same size (input and weight gradients)
 

@@ -1,5 +1,5 @@
-"""The analysis tools end to end on tiny checkpoints on CPU (tools/*.py), and the shared helpers of
-analysis/features.py: checkpoint loading, argument validation, the fixed image sets and masks."""
+"""The analysis tools end to end on tiny checkpoints on CPU (tools/*.py), and the helpers they share in analysis/:
+checkpoint loading (loading.py), argument validation (cli.py), the fixed image sets and masks (images.py)."""
 
 import importlib.util
 import json
@@ -17,7 +17,7 @@ from timm.layers import resample_abs_pos_embed
 import main_linprobe
 import models_deepmim
 import models_vit
-from analysis import features
+from analysis import cli, features, images, loading
 from analysis.head_diversity import head_cosine_similarity, mean_pairwise
 from analysis.visualize import grid_png_size
 from models_deepmim import MaskedAutoencoderDeepMIM, create_model
@@ -73,7 +73,7 @@ def run_tool(name: str, files, tmp_path, *argv: str):
 
 
 def all_images(files, input_size: int = 32) -> torch.Tensor:
-    dataset = features.build_image_dataset(files["images"], NUM_IMAGES, input_size)
+    dataset = images.build_image_dataset(files["images"], NUM_IMAGES, input_size)
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
@@ -130,7 +130,7 @@ def test_eval_recon_loss_matches_the_model_and_ignores_batch_size(files, tmp_pat
         assert row["loss"] == pytest.approx(other["loss"], rel=1e-5)
     # Same images and masks, evaluated directly in one batch.
     imgs = all_images(files)
-    noise = features.mask_noise(NUM_IMAGES, 16, seed=0)
+    noise = images.mask_noise(NUM_IMAGES, 16, seed=0)
     with torch.no_grad():
         _, losses, _, _ = files["models"]["deepmim"](imgs, mask_ratio=0.75, noise=noise)
     deepmim = data["checkpoints"][2]
@@ -175,7 +175,7 @@ def test_head_diversity_tool_matches_one_pass_over_all_images(files, tmp_path):
 
 
 def test_demo_images_are_deterministic_crops(files, tmp_path):
-    first, second = features.DemoCrops(32, 10, seed=0), features.DemoCrops(32, 10, seed=0)
+    first, second = images.DemoCrops(32, 10, seed=0), images.DemoCrops(32, 10, seed=0)
     assert len(first) == 10 and torch.equal(first[9][0], second[9][0])
     assert first[9][1] == 9 % len(first.photos)
     assert not torch.equal(first[1][0], first[1 + len(first.photos)][0])  # a later crop of the same photo differs
@@ -227,7 +227,7 @@ def test_bad_arguments_fail_before_compute(files, tmp_path, tool, argv, message)
         save_tiny(extra["hog"], "mae_vit_small_patch16", 0, pred_dim=108)
     argv = [a.format(root=root, mae=files["mae"], deepmim=files["deepmim"], **extra) for a in argv]
     out = tmp_path / "out"
-    with pytest.raises(features.UsageError) as error:
+    with pytest.raises(cli.UsageError) as error:
         run_tool(tool, files, out, *argv)
     assert message in str(error.value)
     assert not any(out.glob("*.png"))
@@ -237,12 +237,12 @@ def test_usage_errors_exit_with_the_message(files, tmp_path, monkeypatch, capsys
     monkeypatch.setattr(sys, "argv", ["cka.py", "--ckpt", str(tmp_path / "nowhere.pth"), "--demo_images",
                                       "--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit) as exit_info:
-        features.run_cli(TOOLS["cka"].get_args_parser(), TOOLS["cka"].main)
+        cli.run_cli(TOOLS["cka"].get_args_parser(), TOOLS["cka"].main)
     assert exit_info.value.code == 2
     assert "nowhere.pth" in capsys.readouterr().err
 
 
-# -- analysis/features.py --------------------------------------------------------------------------------------------
+# -- analysis/loading.py, cli.py, images.py -------------------------------------------------------------------------
 
 
 def test_released_weights_load_with_the_model_flag(files, tmp_path, monkeypatch):
@@ -268,7 +268,7 @@ def test_released_weights_load_with_the_model_flag(files, tmp_path, monkeypatch)
 
 
 def test_load_model_at_another_input_size_recomputes_position_embeddings(files):
-    model, epoch = features.load_model(files["mae"], img_size=48)
+    model, epoch = loading.load_model(files["mae"], img_size=48)
     assert epoch == 5 and model.patch_embed.img_size[0] == 48
     assert torch.allclose(model.pos_embed, sincos_pos_embed((6, 6), 64))
     assert torch.equal(model.blocks[0].attn.qkv.weight, files["models"]["mae"].blocks[0].attn.qkv.weight)
@@ -276,17 +276,17 @@ def test_load_model_at_another_input_size_recomputes_position_embeddings(files):
 
 
 def test_fixed_images_and_masks(files, tmp_path):
-    subset = features.build_image_dataset(files["images"], 4, 32)
+    subset = images.build_image_dataset(files["images"], 4, 32)
     assert subset.indices == [0, 3, 6, 9]  # evenly spaced over the folder
-    assert len(features.build_image_dataset(files["images"], 50, 32)) == NUM_IMAGES
+    assert len(images.build_image_dataset(files["images"], 50, 32)) == NUM_IMAGES
     val = tmp_path / "split" / "val" / "a"
     val.mkdir(parents=True)
     Image.new("RGB", (40, 40)).save(val / "0.png")
-    assert len(features.build_image_dataset(str(tmp_path / "split"), 5, 32)) == 1  # val/ is preferred
-    noise = features.mask_noise(6, 16, seed=3)
-    assert torch.equal(noise[:2], features.mask_noise(2, 16, seed=3))
-    assert not torch.equal(noise, features.mask_noise(6, 16, seed=4))
-    assert features.default_names(["a/x.pth", "b/x.pth"]) == ["a/x", "b/x"]
+    assert len(images.build_image_dataset(str(tmp_path / "split"), 5, 32)) == 1  # val/ is preferred
+    noise = images.mask_noise(6, 16, seed=3)
+    assert torch.equal(noise[:2], images.mask_noise(2, 16, seed=3))
+    assert not torch.equal(noise, images.mask_noise(6, 16, seed=4))
+    assert cli.default_names(["a/x.pth", "b/x.pth"]) == ["a/x", "b/x"]
 
 
 # -- fine-tuned and exported checkpoints (encoder tools accept them, decoder tools say why not) ----------------------
@@ -315,7 +315,7 @@ def timm_block_outputs(model: torch.nn.Module, imgs: torch.Tensor) -> list[torch
 @pytest.mark.parametrize("global_pool", [True, False])
 def test_finetuned_checkpoint_gives_the_classifier_s_block_features(tmp_path, global_pool):
     classifier = save_classifier(tmp_path / "checkpoint-best.pth", global_pool)
-    model, epoch = features.load_model(tmp_path / "checkpoint-best.pth")
+    model, epoch = loading.load_model(tmp_path / "checkpoint-best.pth")
     imgs = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         for ours, theirs in zip(features.encoder_block_features(model, imgs), timm_block_outputs(classifier, imgs),
@@ -323,7 +323,7 @@ def test_finetuned_checkpoint_gives_the_classifier_s_block_features(tmp_path, gl
             torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert epoch == 7
     # Another input size resamples the learned (fine-tuned) position embedding as fine-tuning does, not sin-cos.
-    bigger, _ = features.load_model(tmp_path / "checkpoint-best.pth", img_size=48)
+    bigger, _ = loading.load_model(tmp_path / "checkpoint-best.pth", img_size=48)
     expected = resample_abs_pos_embed(classifier.pos_embed.detach(), new_size=[6, 6], num_prefix_tokens=1)
     torch.testing.assert_close(bigger.pos_embed, expected)
 
@@ -356,7 +356,7 @@ def test_decoder_tools_name_the_encoder_only_file(files, tmp_path, tool):
     exported = tmp_path / "mae.safetensors"
     export_encoder.export(files["mae"], str(exported))
     for path in (finetuned, exported):
-        with pytest.raises(features.UsageError) as error:
+        with pytest.raises(cli.UsageError) as error:
             run_tool(tool, files, tmp_path / "out", "--ckpt", str(path))
         message = str(error.value)
         assert str(path) in message and "holds the encoder only, no decoder" in message, message
@@ -371,8 +371,8 @@ def test_model_flag_takes_a_classifier_name_for_finetuned_weights_without_model_
     save_atomic({"model": classifier.state_dict()}, released)
     args = TOOLS["cka"].get_args_parser().parse_args(
         ["--ckpt", str(released), "--model", "vit_small_patch16", "--demo_images", "--input_size", "32"])
-    features.check_common_args(args)  # a classifier name is a known --model
-    model, _ = features.load_model(released, "vit_small_patch16", img_size=32)
+    cli.check_common_args(args)  # a classifier name is a known --model
+    model, _ = loading.load_model(released, "vit_small_patch16", img_size=32)
     imgs = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(features.encoder_block_features(model, imgs)[-1],
@@ -389,7 +389,7 @@ def test_load_report_is_logged_once(files, tmp_path, caplog):
     save_atomic({"model": {k: v for k, v in state.items() if not k.startswith("decoders.")},
                  "model_cfg": files["models"]["mae"].config}, path)
     with caplog.at_level(logging.DEBUG):
-        features.load_model(path)
+        loading.load_model(path)
     lines = [r.getMessage() for r in caplog.records
              if any(word in r.getMessage() for word in ("missing", "unexpected", "unused", "not in the file"))]
     assert len(lines) == 1, lines
@@ -405,9 +405,9 @@ def test_device_defaults_to_cuda_when_available(files, monkeypatch, cuda):
     assert all(parser.get_default("device") is None for parser in parsers.values())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     args = parsers["head_diversity"].parse_args(["--ckpt", files["mae"], "--demo_images"])
-    features.check_common_args(args)
+    cli.check_common_args(args)
     assert args.device == ("cuda" if cuda else "cpu") == amp.resolve_device(None)
     if not cuda:
         args = parsers["cka"].parse_args(["--ckpt", files["mae"], "--demo_images", "--device", "cuda"])
-        with pytest.raises(features.UsageError, match="--device cuda but CUDA is not available"):
-            features.check_common_args(args)
+        with pytest.raises(cli.UsageError, match="--device cuda but CUDA is not available"):
+            cli.check_common_args(args)

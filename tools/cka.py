@@ -20,27 +20,26 @@ main_linprobe.py; the head is not used), .safetensors exports (tools/export_enco
 
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-from typing import Any  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: import the repository
 
-import torch  # noqa: E402
-
-from analysis import features  # noqa: E402
+from analysis import cli, features, images  # noqa: E402
 from analysis.cka import MIN_BATCH, MinibatchCKA, gram_linear  # noqa: E402
+from analysis.loading import LoadedModel  # noqa: E402
 from analysis.visualize import integer_ticks, new_figure, save_figure  # noqa: E402
 
 logger = logging.getLogger("tools.cka")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=features.HelpFormatter)
-    features.add_common_args(parser, num_images=1024, batch_size=128)
+    parser = cli.tool_parser(__doc__, num_images=1024, batch_size=128)
     group = parser.add_argument_group("CKA")
     group.add_argument("--tokens", default="flatten", choices=features.TOKEN_POOLINGS,
                        help="one vector per image from a block's tokens: all tokens flattened, mean of the patch "
@@ -55,16 +54,16 @@ def default_block(depth: int) -> int:
     return max(1, round(depth * 2 / 3))  # block 8 of ViT-B (paper Fig. 5)
 
 
-def check_block(args: argparse.Namespace, models: list[features.LoadedModel]) -> None:
+def check_block(args: argparse.Namespace, models: list[LoadedModel]) -> None:
     if args.block is None or len(models) < 2:
         return
     for m in models[:2]:
         if not 1 <= args.block <= m.model.depth:
-            raise features.UsageError(f"--block {args.block} is outside 1..{m.model.depth} ({m.name}'s depth)")
+            raise cli.UsageError(f"--block {args.block} is outside 1..{m.model.depth} ({m.name}'s depth)")
 
 
 @torch.inference_mode()
-def accumulate(models: list[features.LoadedModel], loader: torch.utils.data.DataLoader, tokens: str,
+def accumulate(models: list[LoadedModel], loader: torch.utils.data.DataLoader, tokens: str,
                device: str) -> MinibatchCKA:
     """Minibatch CKA over every block of every model: feature set k is (model i, block j) in model-major order."""
     acc = MinibatchCKA(sum(m.model.depth for m in models))
@@ -79,7 +78,7 @@ def accumulate(models: list[features.LoadedModel], loader: torch.utils.data.Data
     return acc
 
 
-def plot_last_block(models: list[features.LoadedModel], last: dict[str, list[float]], path: Path,
+def plot_last_block(models: list[LoadedModel], last: dict[str, list[float]], path: Path,
                     data: dict[str, Any]) -> None:
     fig = new_figure(6, 4)
     ax = fig.subplots()
@@ -93,7 +92,7 @@ def plot_last_block(models: list[features.LoadedModel], last: dict[str, list[flo
     save_figure(fig, data, path)
 
 
-def plot_cross(a: features.LoadedModel, b: features.LoadedModel, cross: torch.Tensor, block_a: int, block_b: int,
+def plot_cross(a: LoadedModel, b: LoadedModel, cross: torch.Tensor, block_a: int, block_b: int,
                path: Path, data: dict[str, Any]) -> None:
     fig = new_figure(16, 4.5)
     ax_a, ax_b, ax_h = fig.subplots(1, 3)
@@ -120,10 +119,10 @@ def plot_cross(a: features.LoadedModel, b: features.LoadedModel, cross: torch.Te
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    features.check_common_args(args, min_batch=MIN_BATCH)
-    models, input_size = features.load_models(args)
+    cli.check_common_args(args, min_batch=MIN_BATCH)
+    models, input_size = cli.load_models(args)
     check_block(args, models)
-    loader = features.build_image_loader(args, input_size)
+    loader = images.build_image_loader(args, input_size)
     acc = accumulate(models, loader, args.tokens, args.device)
     matrix = acc.compute().float()
     offsets = torch.tensor([0] + [m.model.depth for m in models]).cumsum(0).tolist()
@@ -149,4 +148,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    features.run_cli(get_args_parser(), main)
+    cli.run_cli(get_args_parser(), main)

@@ -19,28 +19,24 @@ Fine-tuned / probed classifiers, exports and encoder-only releases are refused w
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-from typing import Any  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: import the repository
 
-import torch  # noqa: E402
-
-from analysis import features  # noqa: E402
+from analysis import cli, images  # noqa: E402
+from analysis.loading import LoadedModel  # noqa: E402
 from analysis.visualize import integer_ticks, new_figure, save_figure  # noqa: E402
-
-logger = logging.getLogger("tools.eval_recon_loss")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=features.HelpFormatter)
-    features.add_common_args(parser, num_images=1000, batch_size=64)
+    parser = cli.tool_parser(__doc__, num_images=1000, batch_size=64)
     group = parser.add_argument_group("masking")
-    group.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed (MAE: 0.75)")
+    cli.add_mask_ratio_arg(group)
     group.add_argument("--norm_pix_loss", action="store_true",
                        help="checkpoints without model_cfg were trained on per-patch-normalised pixels")
     return parser
@@ -48,17 +44,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     # Repeated names are allowed: they group checkpoints of one run into a curve over epochs.
-    features.check_common_args(args, unique_names=False)
-    if not 0 < args.mask_ratio < 1:
-        raise features.UsageError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
+    cli.check_common_args(args, unique_names=False)
+    cli.check_mask_ratio(args)
 
 
 @torch.inference_mode()
-def evaluate(models: list[features.LoadedModel], loader: torch.utils.data.DataLoader, mask_ratio: float, seed: int,
+def evaluate(models: list[LoadedModel], loader: torch.utils.data.DataLoader, mask_ratio: float, seed: int,
              device: str) -> list[dict[str, float]]:
     """Mean loss of every decoder over the loader's images, per model: [{block (str): loss}]."""
     num_images = len(loader.dataset)
-    noise = {m.model.num_patches: features.mask_noise(num_images, m.model.num_patches, seed) for m in models}
+    noise = {m.model.num_patches: images.mask_noise(num_images, m.model.num_patches, seed) for m in models}
     sums: list[dict[str, float]] = [{} for _ in models]
     start = 0
     for imgs, _ in loader:
@@ -118,9 +113,9 @@ def plot(rows: list[dict[str, Any]], path: Path, data: dict[str, Any]) -> None:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     check_args(args)
-    models, input_size = features.load_models(args, require_decoders=True)
-    features.check_pixel_decoders(models)
-    loader = features.build_image_loader(args, input_size)
+    models, input_size = cli.load_models(args, require_decoders=True)
+    cli.check_pixel_decoders(models)
+    loader = images.build_image_loader(args, input_size)
     losses = evaluate(models, loader, args.mask_ratio, args.seed, args.device)
     rows = [{"name": m.name, "path": m.path, "epoch": m.epoch, "loss": loss,
              "last_block_loss": loss[str(m.model.supervised_blocks[-1])]} for m, loss in zip(models, losses)]
@@ -132,4 +127,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    features.run_cli(get_args_parser(), main)
+    cli.run_cli(get_args_parser(), main)

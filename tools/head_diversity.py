@@ -16,35 +16,30 @@ main_linprobe.py; the head is not used), .safetensors exports (tools/export_enco
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-from typing import Any  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: import the repository
 
-import torch  # noqa: E402
-
-from analysis import features  # noqa: E402
+from analysis import cli, features, images  # noqa: E402
 from analysis.head_diversity import HeadSimilarity, mean_pairwise, pairwise_values  # noqa: E402
+from analysis.loading import LoadedModel  # noqa: E402
 from analysis.visualize import integer_ticks, new_figure, save_figure  # noqa: E402
-
-logger = logging.getLogger("tools.head_diversity")
 
 DEFINITION = ("cosine similarity between two heads' attention outputs (input of attn.proj), each flattened over "
               "all tokens of all images; pairs i < j; mean = the layer's score (lower = more diverse)")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=features.HelpFormatter)
-    features.add_common_args(parser, num_images=256, batch_size=32)
-    return parser
+    return cli.tool_parser(__doc__, num_images=256, batch_size=32)
 
 
 @torch.inference_mode()
-def accumulate(models: list[features.LoadedModel], loader: torch.utils.data.DataLoader,
+def accumulate(models: list[LoadedModel], loader: torch.utils.data.DataLoader,
                device: str) -> list[HeadSimilarity]:
     accs = [HeadSimilarity(m.model.depth, m.model.blocks[0].attn.num_heads) for m in models]
     for imgs, _ in loader:
@@ -75,9 +70,9 @@ def plot(results: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) -
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    features.check_common_args(args)
-    models, input_size = features.load_models(args)
-    loader = features.build_image_loader(args, input_size)
+    cli.check_common_args(args)
+    models, input_size = cli.load_models(args)
+    loader = images.build_image_loader(args, input_size)
     accs = accumulate(models, loader, args.device)
     results = {}
     for m, acc in zip(models, accs):
@@ -96,4 +91,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    features.run_cli(get_args_parser(), main)
+    cli.run_cli(get_args_parser(), main)

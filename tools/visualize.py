@@ -17,19 +17,19 @@ Fine-tuned / probed classifiers, exports and encoder-only releases are refused w
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import sys
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-from typing import Any  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: import the repository
 
-import torch  # noqa: E402
-
-from analysis import features  # noqa: E402
+from analysis import cli, images  # noqa: E402
+from analysis.loading import LoadedModel  # noqa: E402
 from analysis.visualize import PATCH_STATS, file_stem, reconstruction_panels, save_grid_png  # noqa: E402
 from models_deepmim import random_masking  # noqa: E402
 from targets.hybrid import DEFAULT_ALPHAS, HybridGenerator, blend_targets, check_hybrid_args  # noqa: E402
@@ -38,10 +38,9 @@ logger = logging.getLogger("tools.visualize")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=features.HelpFormatter)
-    features.add_common_args(parser, num_images=4, batch_size=16)
+    parser = cli.tool_parser(__doc__, num_images=4, batch_size=16)
     group = parser.add_argument_group("masking and display")
-    group.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed (MAE: 0.75)")
+    cli.add_mask_ratio_arg(group)
     group.add_argument("--patch_stats", default="visible", choices=PATCH_STATS,
                        help="statistics that un-normalise norm-pix predictions: estimated from visible patches, or "
                             "the true patch's (MAE's demo)")
@@ -60,18 +59,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    features.check_common_args(args)
-    if not 0 < args.mask_ratio < 1:
-        raise features.UsageError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
+    cli.check_common_args(args)
+    cli.check_mask_ratio(args)
     if args.panel_px is not None and args.panel_px < 8:
-        raise features.UsageError(f"--panel_px must be >= 8, got {args.panel_px}")
+        raise cli.UsageError(f"--panel_px must be >= 8, got {args.panel_px}")
     if args.hybrid_alphas is not None and args.hybrid_generator is None:
-        raise features.UsageError("--hybrid_alphas needs --hybrid_generator")
+        raise cli.UsageError("--hybrid_alphas needs --hybrid_generator")
     if args.hybrid_generator is not None and not Path(args.hybrid_generator).is_file():
-        raise features.UsageError(f"--hybrid_generator {args.hybrid_generator} does not exist or is not a file")
+        raise cli.UsageError(f"--hybrid_generator {args.hybrid_generator} does not exist or is not a file")
 
 
-def load_generator(args: argparse.Namespace, m: features.LoadedModel) -> tuple[HybridGenerator, tuple] | None:
+def load_generator(args: argparse.Namespace, m: LoadedModel) -> tuple[HybridGenerator, tuple] | None:
     """The hybrid-target generator and the alphas for model m, or None (no generator, or alphas that do not fit
     m's decoders, e.g. MAE's single decoder)."""
     if args.hybrid_generator is None:
@@ -87,12 +85,12 @@ def load_generator(args: argparse.Namespace, m: features.LoadedModel) -> tuple[H
                                               device=args.device)
         generator.check_student(m.model.patch_size, m.model.grid_size)
     except ValueError as err:
-        raise features.UsageError(str(err)) from err
+        raise cli.UsageError(str(err)) from err
     return generator, alphas
 
 
 @torch.inference_mode()
-def reconstruct_all(m: features.LoadedModel, generator: tuple[HybridGenerator, tuple] | None,
+def reconstruct_all(m: LoadedModel, generator: tuple[HybridGenerator, tuple] | None,
                     loader: torch.utils.data.DataLoader, noise: torch.Tensor,
                     args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Panels {name: (N, 3, H, W)} over every image of the loader, and the mean loss of every decoder."""
@@ -128,16 +126,16 @@ def write_pngs(panels: dict[str, torch.Tensor], stem: str, args: argparse.Namesp
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     check_args(args)
-    models, input_size = features.load_models(args, require_decoders=True)
-    features.check_pixel_decoders(models)
+    models, input_size = cli.load_models(args, require_decoders=True)
+    cli.check_pixel_decoders(models)
     generators = [load_generator(args, m) for m in models]
-    loader = features.build_image_loader(args, input_size)
+    loader = images.build_image_loader(args, input_size)
     num_images = len(loader.dataset)
     result: dict[str, Any] = {"mask_ratio": args.mask_ratio, "seed": args.seed, "patch_stats": args.patch_stats,
                               "input_size": input_size, "num_images": num_images,
                               "hybrid_generator": args.hybrid_generator, "checkpoints": {}}
     for m, generator in zip(models, generators):
-        noise = features.mask_noise(num_images, m.model.num_patches, args.seed)
+        noise = images.mask_noise(num_images, m.model.num_patches, args.seed)
         panels, losses = reconstruct_all(m, generator, loader, noise, args)
         pngs = write_pngs(panels, f"recon_{file_stem(m.name)}", args)
         masks = random_masking(noise, args.mask_ratio).mask
@@ -152,4 +150,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    features.run_cli(get_args_parser(), main)
+    cli.run_cli(get_args_parser(), main)

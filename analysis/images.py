@@ -1,0 +1,96 @@
+"""The images the analyses are measured on: a fixed, ordered set of evaluation images (an ImageFolder or crops of
+scikit-image's photographs) and the masking noise that gives every model the same masks."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets, transforms
+from torchvision.transforms import InterpolationMode
+
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD, demo_photos
+
+logger = logging.getLogger(__name__)
+
+EVAL_CROP_RATIO = 224 / 256  # MAE's evaluation transform: resize to 256, center-crop 224
+
+
+def eval_transform(input_size: int) -> transforms.Compose:
+    """Fixed evaluation view (MAE's): bicubic resize of the short side to input_size / 0.875, center crop,
+    ImageNet normalisation. Returns float (3, input_size, input_size).
+
+    Not `util.cls_data.eval_transform` (fine-tuning, probing): that one resizes straight to input_size above 224 px
+    and truncates the resize side where this one rounds it (96 px: 109 there, 110 here); kept so that the analyses'
+    images, and so their numbers, stay as they were."""
+    return transforms.Compose([
+        transforms.Resize(int(round(input_size / EVAL_CROP_RATIO)), interpolation=InterpolationMode.BICUBIC),
+        transforms.CenterCrop(input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class DemoCrops(Dataset):
+    """Deterministic crops of the photographs scikit-image ships (`util.datasets.demo_photos`).
+
+    Image i comes from photo i mod P (P photos); the first P images are the evaluation view of each photo, later
+    ones square crops of 25-100 % of the short side at positions drawn from a generator seeded by (seed, i).
+    """
+
+    def __init__(self, input_size: int, num_images: int, seed: int = 0):
+        self.photos = demo_photos()
+        self.num_images, self.seed = num_images, seed
+        self.transform = eval_transform(input_size)
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        label = index % len(self.photos)
+        photo = self.photos[label]
+        if index >= len(self.photos):
+            photo = self._random_square(photo, np.random.default_rng((self.seed, index)))
+        return self.transform(photo), label
+
+    @staticmethod
+    def _random_square(photo: Image.Image, rng: np.random.Generator) -> Image.Image:
+        side = int(min(photo.size) * np.sqrt(rng.uniform(0.25, 1.0)))
+        left = int(rng.integers(0, photo.width - side + 1))
+        top = int(rng.integers(0, photo.height - side + 1))
+        return photo.crop((left, top, left + side, top + side))
+
+
+def build_image_dataset(data_path: str | None, num_images: int, input_size: int, seed: int = 0) -> Dataset:
+    """A fixed set of `num_images` evaluation images: evenly spaced over the ImageFolder at `data_path` (its `val/`
+    subfolder when there is one), or demo crops when data_path is None. Fewer when the folder holds fewer."""
+    if data_path is None:
+        return DemoCrops(input_size, num_images, seed)
+    root = Path(data_path) / "val" if (Path(data_path) / "val").is_dir() else Path(data_path)
+    dataset = datasets.ImageFolder(str(root), transform=eval_transform(input_size))
+    if num_images >= len(dataset):
+        if num_images > len(dataset):
+            logger.info("%s holds %d images (< --num_images %d): using all", root, len(dataset), num_images)
+        return dataset
+    # Evenly spaced indices cover every class of a sorted ImageFolder; the spacing is >= 1, so no repeats.
+    indices = torch.linspace(0, len(dataset) - 1, num_images).round().long().tolist()
+    return Subset(dataset, indices)
+
+
+def build_image_loader(args: argparse.Namespace, input_size: int) -> DataLoader:
+    """DataLoader over `build_image_dataset` for the flags of `add_common_args`, in a fixed order."""
+    dataset = build_image_dataset(args.data_path, args.num_images, input_size, args.seed)
+    return DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                      pin_memory=torch.device(args.device).type == "cuda")
+
+
+def mask_noise(num_images: int, num_patches: int, seed: int) -> Tensor:
+    """(num_images, num_patches) masking noise from a generator seeded by `seed`: row i masks image i the same way
+    whatever the batch size, and every model with the same patch grid sees the same masks."""
+    return torch.rand(num_images, num_patches, generator=torch.Generator().manual_seed(seed))
