@@ -12,29 +12,23 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision import datasets, transforms
-from torchvision.transforms import InterpolationMode
+from torchvision import datasets
 
-from util.datasets import IMAGENET_MEAN, IMAGENET_STD, demo_photos
+from util import cls_data
+from util.cls_data import Transform
+from util.datasets import demo_photos
 
 logger = logging.getLogger(__name__)
 
 EVAL_CROP_RATIO = 224 / 256  # MAE's evaluation transform: resize to 256, center-crop 224
 
 
-def eval_transform(input_size: int) -> transforms.Compose:
-    """Fixed evaluation view (MAE's): bicubic resize of the short side to input_size / 0.875, center crop,
-    ImageNet normalisation. Returns float (3, input_size, input_size).
-
-    Not `util.cls_data.eval_transform` (fine-tuning, probing): that one resizes straight to input_size above 224 px
-    and truncates the resize side where this one rounds it (96 px: 109 there, 110 here); kept so that the analyses'
-    images, and so their numbers, stay as they were."""
-    return transforms.Compose([
-        transforms.Resize(int(round(input_size / EVAL_CROP_RATIO)), interpolation=InterpolationMode.BICUBIC),
-        transforms.CenterCrop(input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+def eval_transform(input_size: int) -> Transform:
+    """Fixed evaluation view: `util.cls_data.eval_transform` (bicubic resize of the short side, center crop, ImageNet
+    normalisation) with the short side at round(input_size / 0.875) at every size. Returns float (3, input_size,
+    input_size). Fine-tuning truncates that size instead, and resizes straight to input_size above 224 px (96 px:
+    109 there, 110 here); the analyses keep their own rounding so that their images, and numbers, stay as they were."""
+    return cls_data.eval_transform(input_size, resize_size=int(round(input_size / EVAL_CROP_RATIO)))
 
 
 class DemoCrops(Dataset):

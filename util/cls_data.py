@@ -47,13 +47,15 @@ DIGITS_VAL_FRACTION = 0.2  # fixed held-out share of the 1797 digits
 DIGITS_SPLIT_SEED = 0
 
 
-def eval_transform(input_size: int) -> Transform:
+def eval_transform(input_size: int, resize_size: int | None = None) -> Transform:
     """MAE's evaluation transform: resize the short side to input/0.875 (bicubic), centre crop, normalise.
 
-    Above 224 px MAE resizes straight to the input size (crop_pct 1)."""
-    crop_pct = 224 / 256 if input_size <= 224 else 1.0
+    Above 224 px MAE resizes straight to the input size (crop_pct 1). `resize_size` replaces the short-side size
+    (the analysis tools' fixed view rounds input/0.875 at every size, see `analysis.images.eval_transform`)."""
+    if resize_size is None:
+        resize_size = int(input_size / (224 / 256 if input_size <= 224 else 1.0))
     return transforms.Compose([
-        transforms.Resize(int(input_size / crop_pct), interpolation=InterpolationMode.BICUBIC),
+        transforms.Resize(resize_size, interpolation=InterpolationMode.BICUBIC),
         transforms.CenterCrop(input_size),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
