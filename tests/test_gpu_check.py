@@ -17,6 +17,8 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_check  # noqa: E402
+import gpu_check_common  # noqa: E402
+import gpu_checks_hardware  # noqa: E402
 
 
 @pytest.mark.parametrize("name, tflops", [
@@ -25,35 +27,35 @@ import gpu_check  # noqa: E402
     ("Tesla V100-SXM2-16GB", 125), ("Tesla V100-PCIE-32GB", 112), ("NVIDIA GH200 480GB", 989),
 ])
 def test_spec_peaks_match_device_names(name, tflops):
-    peak, source = gpu_check.spec_peak(name)
+    peak, source = gpu_checks_hardware.spec_peak(name)
     assert peak == tflops * 1e12 and "datasheet" in source
 
 
 def test_unknown_gpu_has_no_spec_peak():
-    peak, reason = gpu_check.spec_peak("Some Future GPU")
+    peak, reason = gpu_checks_hardware.spec_peak("Some Future GPU")
     assert peak is None and "no spec-sheet peak" in reason
 
 
-def make_context(budget: float = 60.0) -> gpu_check.Context:
+def make_context(budget: float = 60.0) -> gpu_check_common.Context:
     args = argparse.Namespace(tiny=True, time_budget=budget)
-    return gpu_check.Context(args, torch.device("cpu"), ROOT, time.monotonic() + budget, {})
+    return gpu_check_common.Context(args, torch.device("cpu"), ROOT, time.monotonic() + budget, {})
 
 
 def test_a_failing_section_is_reported_not_raised():
     def broken(ctx):
         raise RuntimeError("boom")
 
-    result = gpu_check.run_section("broken", broken, make_context(), needs_s=0)
+    result = gpu_check_common.run_section("broken", broken, make_context(), needs_s=0)
     assert result["status"] == "failed" and "RuntimeError: boom" in result["reason"] and "traceback" in result
 
 
 def test_skips_keep_their_numbers_and_the_time_budget_is_honoured():
     def needs_cuda(ctx):
-        raise gpu_check.skip("no CUDA", measured=1.5)
+        raise gpu_check_common.skip("no CUDA", measured=1.5)
 
-    result = gpu_check.run_section("cuda_only", needs_cuda, make_context(), needs_s=0)
+    result = gpu_check_common.run_section("cuda_only", needs_cuda, make_context(), needs_s=0)
     assert result["status"] == "skipped" and result["reason"] == "no CUDA" and result["measured"] == 1.5
-    late = gpu_check.run_section("late", needs_cuda, make_context(budget=5), needs_s=30)
+    late = gpu_check_common.run_section("late", needs_cuda, make_context(budget=5), needs_s=30)
     assert late["status"] == "skipped" and late["reason"].startswith("time budget")
 
 

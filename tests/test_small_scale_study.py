@@ -14,6 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 SPEC = importlib.util.spec_from_file_location("small_scale_study", REPO / "benchmarks" / "small_scale_study.py")
 study = sys.modules["small_scale_study"] = importlib.util.module_from_spec(SPEC)  # dataclasses look the module up
 SPEC.loader.exec_module(study)
+sys.path.insert(0, str(REPO / "benchmarks"))
+import study_report  # noqa: E402
 
 FIGURES = ("probe_accuracy", "cka_last_block", "head_diversity", "recon_loss")
 
@@ -102,15 +104,15 @@ def test_digits_folder_is_written_once(smoke):
 
 
 def test_claim_verdicts_are_paired_per_seed():
-    claim = study.Claim("Fig. 3", "lower loss", "recon_loss_last", "deepmim", "mae", higher_is_better=False)
+    claim = study_report.Claim("Fig. 3", "lower loss", "recon_loss_last", "deepmim", "mae", higher_is_better=False)
     metrics = {"mae": {0: {"recon_loss_last": 1.0}, 1: {"recon_loss_last": 1.0}},
                "deepmim": {0: {"recon_loss_last": 0.9}, 1: {"recon_loss_last": 0.8}}}
-    out = study.evaluate_claim(claim, metrics)
+    out = study_report.evaluate_claim(claim, metrics)
     assert out["verdict"] == "holds" and out["seeds_agreeing"] == 2
     assert out["difference"]["mean"] == pytest.approx(-0.15) and out["difference"]["std"] == pytest.approx(0.0707, 1e-3)
     metrics["deepmim"][1]["recon_loss_last"] = 1.1
-    assert study.evaluate_claim(claim, metrics)["verdict"] == "mixed"
-    assert study.evaluate_claim(claim._replace(higher_is_better=True), {
+    assert study_report.evaluate_claim(claim, metrics)["verdict"] == "mixed"
+    assert study_report.evaluate_claim(claim._replace(higher_is_better=True), {
         "mae": metrics["mae"], "deepmim": {0: {"recon_loss_last": 0.5}, 1: {"recon_loss_last": 0.5}}})["verdict"] \
         == "does not hold"
 
