@@ -2,8 +2,8 @@
 loop of a whole run with resume, evaluation and checkpoints.
 
 Both main_finetune.py and main_linprobe.py use this module; only the model, criterion, optimizer and augmentation
-differ. Training follows engine_pretrain's step: gradient accumulation costs one all-reduce per
-optimizer update under DDP, losses are checked for non-finite values collectively at logging steps, and logged
+differ. Training runs `util.training.train_epoch`, as pre-training does: gradient accumulation costs one all-reduce
+per optimizer update under DDP, losses are checked for non-finite values collectively at logging steps, and logged
 values are means over ranks. Evaluation under `--dist_eval` is exact: DistributedSampler pads the last shard with
 copies of the first samples, which are skipped here, and correct counts (not per-rank means) are summed over ranks,
 so any number of processes reports the same accuracy as one.
@@ -27,27 +27,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from util import checkpoint as ckpt
-from util import distributed, lr_sched
+from util import distributed
 from util.cls_run import report, write_eval_record
-from util.misc import MetricLogger, RunClock, SmoothedValue, append_json_log, log_summary, make_log_writer
+from util.misc import MetricLogger, RunClock, append_json_log, log_summary, make_log_writer
 from util.preemption import GracefulStop
 from util.resume import check_model_fits, restore_training_state
-from util.training import (
-    NonFiniteGuard,
-    NonFiniteLossError,
-    UpdateHook,
-    accumulation_context,
-    autocast_context,
-    check_bad_images,
-    maybe_compile,
-    wrap_ddp,
-)
+from util.training import OnUpdate, UpdateHook, autocast_context, maybe_compile, train_epoch, wrap_ddp
 
 logger = logging.getLogger(__name__)
 
 Criterion = Callable[[Tensor, Tensor], Tensor]
-# on_update(epoch, steps_done, ensure_finite): see util.training.UpdateHook
-OnUpdate = Callable[[int, int, Callable[[], None]], None]
 
 
 def train_one_epoch(
@@ -64,79 +53,27 @@ def train_one_epoch(
     start_step: int = 0,
     on_update: OnUpdate | None = None,
 ) -> dict[str, float]:
-    """Train for one epoch with a per-iteration lr schedule (warm-up + cosine, `lr_scale` per group for layer
-    decay), gradient accumulation (`args.accum_iter`), optional clipping (`args.clip_grad`) and autocast
-    (`args.amp`). Returns the epoch averages of loss and lr, and the number of unreadable images replaced
-    (`bad_images`; more than `args.max_bad_images` stops every rank).
+    """Train for one epoch (`util.training.train_epoch`: per-iteration lr schedule with `lr_scale` per group for
+    layer decay, gradient accumulation, optional clipping by `args.clip_grad`); returns the epoch averages of loss
+    and lr, and the number of unreadable images replaced (`bad_images`).
 
     Batches: images (N, 3, H, W) float, labels (N,) int, bad (N,) int (util.datasets.RobustSeededDataset's items);
-    `mixup_fn` turns labels into soft targets (N, classes).
-    start_step: steps of this epoch already done (mid-epoch resume; the loader yields only the remaining ones).
-    on_update(epoch, steps_done, ensure_finite): called after every optimizer update except the epoch's last
-    (mid-epoch checkpoints and graceful stops live there).
+    `mixup_fn` turns labels into soft targets (N, classes). The logits go to `criterion` in float32.
     """
-    model.train(True)
-    metric_logger = MetricLogger(mean_over_ranks=True)  # logged losses: the mean over ranks
-    metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
-    guard = NonFiniteGuard(epoch)
-    steps = start_step + len(data_loader)  # type: ignore[arg-type]
-    accum_iter = args.accum_iter
-    params = [p for p in model.parameters() if p.requires_grad]
-    bad_images = 0
-    optimizer.zero_grad(set_to_none=True)
 
-    batches = metric_logger.log_every(data_loader, args.print_freq, f"Epoch: [{epoch}]")
-    for step, (samples, targets, bad) in enumerate(batches, start=start_step):
-        bad_images += int(bad.sum())  # a host tensor from the loader: no device sync
-        if step % accum_iter == 0:
-            lr = lr_sched.adjust_learning_rate(
-                optimizer, step / steps + epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs
-            )
+    def step_loss(samples: Tensor, labels: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
         samples = samples.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
         if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
-        update = (step + 1) % accum_iter == 0
-        # DDP: no gradient all-reduce on accumulation steps (forward and backward inside no_sync).
-        with accumulation_context(model, sync=update):
-            with autocast_context(device, args.amp):
-                outputs = model(samples)
-            loss = criterion(outputs.float(), targets)
-            scaler.scale(loss / accum_iter).backward()
+            samples, labels = mixup_fn(samples, labels)
+        with autocast_context(device, args.amp):
+            outputs = model(samples)
+        return criterion(outputs.float(), labels), {}
 
-        guard.add(step, loss)
-        if update:
-            optimizer_step(optimizer, scaler, params, getattr(args, "clip_grad", None))  # linprobe: no --clip_grad
-            if on_update is not None and step + 1 < steps:
-                on_update(epoch, step + 1, guard.check)
+    return train_epoch(model, data_loader, optimizer, scaler, epoch, args, step_loss,
+                       clip_grad=getattr(args, "clip_grad", None),  # linprobe: no --clip_grad
+                       log_writer=log_writer, start_step=start_step, on_update=on_update)
 
-        metric_logger.update(loss=loss.detach(), lr=lr)
-        if step % args.print_freq == 0 or step == steps - 1:
-            guard.check()  # collective: every rank stops together, within one logging interval
-            check_bad_images(bad_images, args.max_bad_images, epoch)
-            metric_logger.reduce_over_ranks()
-            if log_writer is not None:
-                epoch_1000x = int((step / steps + epoch) * 1000)  # MAE's x-axis: aligns runs of any batch size
-                log_writer.add_scalar("train/loss", metric_logger.meters["loss"].value, epoch_1000x)
-                log_writer.add_scalar("train/lr", lr, epoch_1000x)
-
-    guard.check()
-    stats = {**metric_logger.averages(), "bad_images": bad_images}
-    if not all(math.isfinite(v) for v in stats.values()):
-        raise NonFiniteLossError(f"non-finite epoch average at epoch {epoch}: {stats}")
-    logger.info("Averaged stats: %s", metric_logger)
-    return stats
-
-
-def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[nn.Parameter],
-                   clip_grad: float | None) -> None:
-    """One update from the accumulated gradients: unscale and clip (when `clip_grad`), step, reset gradients."""
-    if clip_grad:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(params, clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()

@@ -1,4 +1,6 @@
-"""One epoch of DeepMIM pre-training: autocast, gradient accumulation, grad scaling, per-iteration lr schedule.
+"""One epoch of DeepMIM pre-training: the masking noise every decoder shares, the reconstruction targets, and the
+summed decoder losses (Eq. 2), run by `util.training.train_epoch` (autocast, gradient accumulation, grad scaling,
+per-iteration lr schedule); plus the reconstruction panels logged during training.
 
 The step never waits for the device: losses stay on the device and are read only every `print_freq` steps, when
 they are also checked for non-finite values (the step that first went bad is named).
@@ -7,7 +9,6 @@ they are also checked for non-finite values (the step that first went bad is nam
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -15,16 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from analysis.visualize import reconstruction_panels
-from util import lr_sched
 from util.datasets import normalize_on_device
-from util.misc import MetricLogger, SmoothedValue
-from util.training import (
-    NonFiniteGuard,
-    NonFiniteLossError,
-    accumulation_context,
-    autocast_context,
-    check_bad_images,
-)
+from util.training import NonFiniteLossError, OnUpdate, autocast_context, train_epoch
 
 __all__ = ["NonFiniteLossError", "TargetsFn", "autocast_context", "compute_targets", "reconstructions",
            "train_one_epoch"]
@@ -60,67 +53,26 @@ def train_one_epoch(
     targets_fn: TargetsFn | None = None,
     log_writer: Any = None,
     start_step: int = 0,
-    on_update: Callable[[int, int, Callable[[], None]], None] | None = None,
+    on_update: OnUpdate | None = None,
 ) -> dict[str, float]:
-    """Train for one epoch; returns the epoch's average of every logged value (loss, loss_b<k>, lr) and the
-    number of unreadable images skipped (`bad_images`).
+    """Train for one epoch (`util.training.train_epoch`); returns the epoch's average of every logged value (loss,
+    loss_b<k>, lr) and the number of unreadable images skipped (`bad_images`).
 
-    start_step: steps of this epoch already done (mid-epoch resume; the loader yields only the remaining ones).
-    on_update(epoch, steps_done, ensure_finite): called after every optimizer update except the epoch's last
-    (mid-epoch checkpoints and graceful stops live there); it must call ensure_finite() before saving weights.
+    Each step draws one masking noise that every decoder and the DeepMIM-dagger generator share, computes the
+    targets (`compute_targets`) and sums the decoders' losses (Eq. 2, in the model's forward).
     """
-    model.train(True)
     raw_model = model.module if hasattr(model, "module") else model
-    metric_logger = MetricLogger(mean_over_ranks=True)  # logged losses: the mean over ranks
-    metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
-    guard = NonFiniteGuard(epoch)
-    steps = start_step + len(data_loader)  # type: ignore[arg-type]
-    accum_iter = args.accum_iter
-    bad_images = 0
-    optimizer.zero_grad(set_to_none=True)
 
-    batches = metric_logger.log_every(data_loader, args.print_freq, f"Epoch: [{epoch}]")
-    for step, (samples, _, bad) in enumerate(batches, start=start_step):
-        bad_images += int(bad.sum())  # a host tensor from the loader: no device sync
-        if step % accum_iter == 0:
-            lr = lr_sched.adjust_learning_rate(
-                optimizer, step / steps + epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs
-            )
+    def step_loss(samples: Tensor, _labels: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
         imgs = normalize_on_device(samples, device)
         noise = raw_model.make_noise(imgs.shape[0], device)  # one mask for every decoder and the generator
         targets = compute_targets(targets_fn, imgs, noise)
-        update = (step + 1) % accum_iter == 0
-        # DDP: no gradient all-reduce on accumulation steps (forward and backward inside no_sync).
-        with accumulation_context(model, sync=update):
-            with autocast_context(device, args.amp):
-                loss, losses, _, _ = model(imgs, args.mask_ratio, noise=noise, targets=targets)
-            scaler.scale(loss / accum_iter).backward()
+        with autocast_context(device, args.amp):
+            loss, losses, _, _ = model(imgs, args.mask_ratio, noise=noise, targets=targets)
+        return loss, losses
 
-        guard.add(step, loss, losses)
-        if update:
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if on_update is not None and step + 1 < steps:
-                on_update(epoch, step + 1, guard.check)
-
-        metric_logger.update(loss=loss.detach(), **{f"loss_b{b}": v.detach() for b, v in losses.items()}, lr=lr)
-        if step % args.print_freq == 0 or step == steps - 1:
-            guard.check()  # collective: every rank stops together, within one logging interval
-            check_bad_images(bad_images, args.max_bad_images, epoch)
-            metric_logger.reduce_over_ranks()
-            if log_writer is not None:
-                epoch_1000x = int((step / steps + epoch) * 1000)  # MAE's x-axis: aligns runs of any batch size
-                for name, meter in metric_logger.meters.items():
-                    log_writer.add_scalar(f"train/{name}", meter.value, epoch_1000x)
-
-    guard.check()
-    stats = {**metric_logger.averages(), "bad_images": bad_images}
-    if not all(math.isfinite(v) for v in stats.values()):
-        raise NonFiniteLossError(f"non-finite epoch average at epoch {epoch}: {stats}")
-    logger.info("Averaged stats: %s", metric_logger)
-    return stats
-
+    return train_epoch(model, data_loader, optimizer, scaler, epoch, args, step_loss, log_writer=log_writer,
+                       start_step=start_step, on_update=on_update)
 
 
 @torch.no_grad()

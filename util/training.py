@@ -1,6 +1,6 @@
-"""Pieces of a training step shared by pre-training, fine-tuning and probing: autocast, DDP wrapping and gradient
-accumulation without redundant all-reduces, a rank-collective non-finite check, and the mid-epoch hook that saves
-checkpoints and honours stop signals.
+"""The training loop shared by pre-training, fine-tuning and probing (`train_epoch`, MAE's train_one_epoch) and its
+pieces: autocast, DDP wrapping and gradient accumulation without redundant all-reduces, a rank-collective non-finite
+check, and the mid-epoch hook that saves checkpoints and honours stop signals.
 
 Every decision that can end or change a run (stop on NaN, save, stop on a signal) is taken collectively, so all
 ranks take it at the same step and none is left waiting in a collective that the others never reach.
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -18,10 +19,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from util import distributed
+from util import distributed, lr_sched
+from util.misc import MetricLogger, SmoothedValue
 from util.preemption import GracefulStop
 
 logger = logging.getLogger(__name__)
+
+# step_loss(samples, labels) -> (loss, {block: loss of that block's decoder} or {}): one micro-step's forward
+StepLoss = Callable[[Tensor, Tensor], tuple[Tensor, Mapping[int, Tensor]]]
+# on_update(epoch, steps_done, ensure_finite): see UpdateHook
+OnUpdate = Callable[[int, int, Callable[[], None]], None]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -165,3 +172,93 @@ def maybe_compile(model: nn.Module, enabled: bool, backend: str = "inductor") ->
         model.compile(backend=backend)
         logger.info("torch.compile: model forward compiled with backend %s", backend)
     return model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The epoch loop
+# --------------------------------------------------------------------------------------------------------------
+
+
+def train_epoch(
+    model: nn.Module,
+    data_loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    epoch: int,
+    args: Any,
+    step_loss: StepLoss,
+    *,
+    clip_grad: float | None = None,
+    log_writer: Any = None,
+    start_step: int = 0,
+    on_update: OnUpdate | None = None,
+) -> dict[str, float]:
+    """One epoch of MAE's loop, shared by every engine; returns the epoch average of every logged value (loss,
+    loss_b<k> per decoder, lr) and the number of unreadable images replaced (`bad_images`).
+
+    Per-iteration lr (warm-up + cosine; `lr_scale` per group for layer decay), gradient accumulation over
+    `args.accum_iter` micro-steps with one DDP all-reduce per update (`step_loss` runs inside the micro-step's
+    `accumulation_context`), optional gradient clipping, and at logging steps (every `args.print_freq`) the
+    collective checks: non-finite losses on any rank, more than `args.max_bad_images` unreadable images.
+
+    Batches: (samples, labels, bad) as `util.datasets.RobustSeededDataset` yields them.
+    start_step: steps of this epoch already done (mid-epoch resume; the loader yields only the remaining ones).
+    on_update(epoch, steps_done, ensure_finite): called after every optimizer update except the epoch's last
+    (mid-epoch checkpoints and graceful stops live there); it must call ensure_finite() before saving weights.
+    """
+    model.train(True)
+    metric_logger = MetricLogger(mean_over_ranks=True)  # logged losses: the mean over ranks
+    metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    guard = NonFiniteGuard(epoch)
+    steps = start_step + len(data_loader)  # type: ignore[arg-type]
+    accum_iter = args.accum_iter
+    params = [p for p in model.parameters() if p.requires_grad]
+    bad_images = 0
+    optimizer.zero_grad(set_to_none=True)
+
+    batches = metric_logger.log_every(data_loader, args.print_freq, f"Epoch: [{epoch}]")
+    for step, (samples, labels, bad) in enumerate(batches, start=start_step):
+        bad_images += int(bad.sum())  # a host tensor from the loader: no device sync
+        if step % accum_iter == 0:
+            lr = lr_sched.adjust_learning_rate(
+                optimizer, step / steps + epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs
+            )
+        update = (step + 1) % accum_iter == 0
+        # DDP: no gradient all-reduce on accumulation steps (forward and backward inside no_sync).
+        with accumulation_context(model, sync=update):
+            loss, losses = step_loss(samples, labels)
+            scaler.scale(loss / accum_iter).backward()
+
+        guard.add(step, loss, losses)
+        if update:
+            optimizer_step(optimizer, scaler, params, clip_grad)
+            if on_update is not None and step + 1 < steps:
+                on_update(epoch, step + 1, guard.check)
+
+        metric_logger.update(loss=loss.detach(), **{f"loss_b{b}": v.detach() for b, v in losses.items()}, lr=lr)
+        if step % args.print_freq == 0 or step == steps - 1:
+            guard.check()  # collective: every rank stops together, within one logging interval
+            check_bad_images(bad_images, args.max_bad_images, epoch)
+            metric_logger.reduce_over_ranks()
+            if log_writer is not None:
+                epoch_1000x = int((step / steps + epoch) * 1000)  # MAE's x-axis: aligns runs of any batch size
+                for name, meter in metric_logger.meters.items():
+                    log_writer.add_scalar(f"train/{name}", meter.value, epoch_1000x)
+
+    guard.check()
+    stats = {**metric_logger.averages(), "bad_images": bad_images}
+    if not all(math.isfinite(v) for v in stats.values()):
+        raise NonFiniteLossError(f"non-finite epoch average at epoch {epoch}: {stats}")
+    logger.info("Averaged stats: %s", metric_logger)
+    return stats
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[nn.Parameter],
+                   clip_grad: float | None) -> None:
+    """One update from the accumulated gradients: unscale and clip (when `clip_grad`), step, reset gradients."""
+    if clip_grad:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(params, clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
