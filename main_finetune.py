@@ -56,11 +56,8 @@ DEMO_OVERRIDES: dict[str, Any] = dict(
 def get_args_parser() -> argparse.ArgumentParser:
     """MAE's fine-tuning flags and defaults, plus DeepMIM's layer studies; add_help=False for submitit."""
     parser = argparse.ArgumentParser("DeepMIM fine-tuning for image classification", add_help=False)
-    g = parser.add_argument_group("Training")
-    g.add_argument("--batch_size", default=64, type=int, help="batch size per process (effective: x accum x ranks)")
-    g.add_argument("--epochs", default=50, type=int)
-    g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
-    g.add_argument("--print_freq", default=20, type=int, help="log every N steps")
+    cls_run.add_training_args(parser, batch_size=64, epochs=50,
+                              batch_help="batch size per process (effective: x accum x ranks)")
 
     g = models_vit.add_arch_args(parser, input_size_help="(pos-embed resampled)")
     g.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth rate (paper: 0.1)")

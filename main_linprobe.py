@@ -50,11 +50,8 @@ DEMO_OVERRIDES: dict[str, Any] = dict(
 def get_args_parser() -> argparse.ArgumentParser:
     """MAE's linear-probing flags and defaults, plus `--probe_block`; add_help=False for submitit."""
     parser = argparse.ArgumentParser("DeepMIM linear probing", add_help=False)
-    g = parser.add_argument_group("Training")
-    g.add_argument("--batch_size", default=512, type=int, help="batch size per process (MAE: 16384 in total)")
-    g.add_argument("--epochs", default=90, type=int)
-    g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
-    g.add_argument("--print_freq", default=20, type=int, help="log every N steps")
+    cls_run.add_training_args(parser, batch_size=512, epochs=90,
+                              batch_help="batch size per process (MAE: 16384 in total)")
 
     models_vit.add_arch_args(parser)
 

@@ -40,6 +40,15 @@ logger = logging.getLogger(__name__)
 DEMO_PRETRAIN_CHECKPOINT = "./output_demo/pretrain/checkpoint-last.pth"
 
 
+def add_training_args(parser: argparse.ArgumentParser, batch_size: int, epochs: int, batch_help: str) -> None:
+    """The "Training" flags of both scripts (MAE's names); the defaults differ: MAE's per script."""
+    g = parser.add_argument_group("Training")
+    g.add_argument("--batch_size", default=batch_size, type=int, help=batch_help)
+    g.add_argument("--epochs", default=epochs, type=int)
+    g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
+    g.add_argument("--print_freq", default=20, type=int, help="log every N steps")
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """Data, output, device, distributed and checkpoint flags of both scripts (MAE's names)."""
     g = parser.add_argument_group("Data and output")
