@@ -25,7 +25,7 @@ The options are applied here by setting module attributes, so that a measured ga
 code as is: `--attn` sets timm's `Attention.fused_attn` (explicit q k^T, softmax, attn v instead of
 scaled_dot_product_attention; main_pretrain.py does it with `timm.layers.set_fused_attn`), `--adamw` picks torch's
 AdamW implementation, `--frozen_amp` lets a frozen teacher / generator run under the same autocast as the student on
-every device (util/teachers.frozen_autocast keeps them in float32 on the CPU).
+every device (targets/teachers.frozen_autocast keeps them in float32 on the CPU).
 """
 
 from __future__ import annotations
