@@ -1,6 +1,7 @@
-"""One epoch of DeepMIM pre-training: the masking noise every decoder shares, the reconstruction targets, and the
-summed decoder losses (Eq. 2), run by `util.training.train_epoch` (autocast, gradient accumulation, grad scaling,
-per-iteration lr schedule); plus the reconstruction panels logged during training.
+"""One epoch of DeepMIM pre-training: the masking noise every decoder shares (drawn by the run's masking strategy,
+paper Tab. 12), the reconstruction targets, and the summed decoder losses (Eq. 2), run by
+`util.training.train_epoch` (autocast, gradient accumulation, grad scaling, per-iteration lr schedule); plus the
+reconstruction panels logged during training.
 
 The step never waits for the device: losses stay on the device and are read only every `print_freq` steps, when
 they are also checked for non-finite values (the step that first went bad is named).
@@ -19,13 +20,15 @@ from analysis.visualize import reconstruction_panels
 from util.datasets import normalize_on_device
 from util.training import NonFiniteLossError, OnUpdate, autocast_context, train_epoch
 
-__all__ = ["NonFiniteLossError", "TargetsFn", "autocast_context", "compute_targets", "reconstructions",
-           "train_one_epoch"]
+__all__ = ["MaskNoiseFn", "NonFiniteLossError", "TargetsFn", "autocast_context", "compute_targets",
+           "reconstructions", "train_one_epoch"]
 
 logger = logging.getLogger(__name__)
 
 # targets_fn(imgs, noise) -> None (pixel targets), (N, L, C), or {block: (N, L, C)}
 TargetsFn = Callable[[Tensor, Tensor], Any]
+# mask_noise_fn(imgs[, uniform]) -> (N, L) masking noise, the smallest kept (a `targets.masking.MaskStrategy`)
+MaskNoiseFn = Callable[..., Tensor]
 
 
 def compute_targets(targets_fn: TargetsFn | None, imgs: Tensor, noise: Tensor) -> Any:
@@ -54,18 +57,21 @@ def train_one_epoch(
     log_writer: Any = None,
     start_step: int = 0,
     on_update: OnUpdate | None = None,
+    mask_noise_fn: MaskNoiseFn | None = None,
 ) -> dict[str, float]:
     """Train for one epoch (`util.training.train_epoch`); returns the epoch's average of every logged value (loss,
     loss_b<k>, lr) and the number of unreadable images skipped (`bad_images`).
 
-    Each step draws one masking noise that every decoder and the DeepMIM-dagger generator share, computes the
-    targets (`compute_targets`) and sums the decoders' losses (Eq. 2, in the model's forward).
+    Each step draws one masking noise that every decoder and the DeepMIM-dagger generator share (`mask_noise_fn`,
+    the run's masking strategy; None: the model's uniform noise, MAE's random masking), computes the targets
+    (`compute_targets`) and sums the decoders' losses (Eq. 2, in the model's forward).
     """
     raw_model = model.module if hasattr(model, "module") else model
 
     def step_loss(samples: Tensor, _labels: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
         imgs = normalize_on_device(samples, device)
-        noise = raw_model.make_noise(imgs.shape[0], device)  # one mask for every decoder and the generator
+        # one mask for every decoder and the generator
+        noise = raw_model.make_noise(imgs.shape[0], device) if mask_noise_fn is None else mask_noise_fn(imgs)
         targets = compute_targets(targets_fn, imgs, noise)
         with autocast_context(device, args.amp):
             loss, losses, _, _ = model(imgs, args.mask_ratio, noise=noise, targets=targets)
@@ -77,11 +83,14 @@ def train_one_epoch(
 
 @torch.no_grad()
 def reconstructions(model: nn.Module, dataset: Any, targets_fn: TargetsFn | None, mask_ratio: float,
-                    num_images: int = 8) -> dict:
-    """Panels (original, masked, every decoder, DeepMIM+ targets) for the first images with a fixed mask."""
+                    num_images: int = 8, mask_noise_fn: MaskNoiseFn | None = None) -> dict:
+    """Panels (original, masked, every decoder, DeepMIM+ targets) for the first images with a fixed mask: uniform
+    numbers from a generator seeded by 0, turned into noise by the run's masking strategy (`mask_noise_fn`)."""
     device = next(model.parameters()).device
     samples = torch.stack([dataset[i][0] for i in range(min(num_images, len(dataset)))])
     imgs = normalize_on_device(samples, device)
     noise = torch.rand(len(imgs), model.num_patches, generator=torch.Generator().manual_seed(0)).to(device)
+    if mask_noise_fn is not None:
+        noise = mask_noise_fn(imgs, noise)
     hybrid = compute_targets(targets_fn, imgs, noise)  # None for pixel targets, {block: target} for DeepMIM+
     return reconstruction_panels(model, imgs, noise, mask_ratio, hybrid_targets=hybrid)

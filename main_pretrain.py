@@ -26,8 +26,9 @@ import models_deepmim
 import targets.build
 from analysis.visualize import grid_tensor, save_grid_png
 from engine_pretrain import TargetsFn, reconstructions, train_one_epoch
+from targets import masking
 from targets.build import TARGETS, Target, check_target_args
-from targets.hybrid import HybridGenerator, blend_targets, check_generator_file, check_hybrid_args
+from targets.hybrid import HybridGenerator, check_generator_file, check_hybrid_args, hybrid_targets_fn
 from util import checkpoint as ckpt
 from util import config, distributed, resume
 from util.amp import AMP_CHOICES, configure_backends, resolve_machine
@@ -94,10 +95,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="what the decoders reconstruct: pixels, HOG, or CLIP / DINO teacher features")
     target.add_argument("--teacher_path", default=None, type=str,
                         help="local weights of the CLIP (OpenAI ViT-B-16.pt or safetensors) or DINO teacher")
+    target.add_argument("--teacher_model", default=None, type=str,
+                        help="timm architecture of that teacher (default ViT-B/16 of the kind); the file must match")
     target.add_argument("--hybrid_generator", default=None, type=str,
                         help="DeepMIM+: a pre-trained MAE checkpoint (with decoder) that reconstructs x_hat")
     target.add_argument("--hybrid_alphas", default=None, type=float, nargs="+",
                         help="blend t = a x + (1-a) x_hat per supervised block (default with a generator: 0 1/3 2/3 1)")
+
+    masking.add_mask_args(parser.add_argument_group("Masking (paper Tab. 12)"))
 
     optim = parser.add_argument_group("Optimizer (paper Appendix A)")
     optim.add_argument("--weight_decay", default=0.05, type=float, help="AdamW weight decay")
@@ -216,7 +221,8 @@ def _validate_blocks(args: argparse.Namespace) -> None:
 
 
 def _validate_targets(args: argparse.Namespace, patch_size: int) -> None:
-    check_target_args(args.target, args.teacher_path, patch_size)
+    check_target_args(args.target, args.teacher_path, patch_size, args.teacher_model)
+    masking.mask_teacher_from_args(args)
     if args.hybrid_generator and args.target != "pixel":
         raise ValueError(f"--hybrid_generator blends reconstructed pixels (paper Eq. 1) and needs --target pixel, "
                          f"got --target {args.target}")
@@ -282,6 +288,7 @@ def build_target(args: argparse.Namespace, device: torch.device) -> Target:
     return targets.build.build_target(
         args.target, patch_size=models_deepmim.encoder_patch_size(args.model, args.patch_size),
         img_size=args.input_size, norm_pix_loss=args.norm_pix_loss, teacher_path=args.teacher_path, device=device,
+        teacher_model=args.teacher_model,
     )
 
 
@@ -295,12 +302,7 @@ def build_targets_fn(args: argparse.Namespace, target: Target, model, device: to
     logger.info("DeepMIM+: generator %s, alphas %s for blocks %s", args.hybrid_generator, alphas,
                 model.supervised_blocks)
 
-    def hybrid_targets(imgs, noise):
-        # Eq. 1: the generator sees the student's masked image (same noise, same mask).
-        x_hat = generator.reconstruct(imgs, noise, args.mask_ratio)
-        return blend_targets(target(imgs), x_hat, alphas, model.supervised_blocks)
-
-    return hybrid_targets
+    return hybrid_targets_fn(generator, target, alphas, model.supervised_blocks, args.mask_ratio)
 
 
 class RunResult(NamedTuple):
@@ -349,6 +351,8 @@ def main(args: argparse.Namespace) -> RunResult:
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     start_step = resume.resume_training(model, optimizer, scaler, args) if args.resume else 0
     targets_fn = build_targets_fn(args, target, model, device)
+    mask_fn = masking.build_mask_strategy(args.mask_strategy, masking.mask_teacher_from_args(args),
+                                          grid_size=model.grid_size, target=target, device=device)
     train_model = wrap_ddp(maybe_compile(model, args.compile, args.compile_backend), device)
     ckpt.write_run_info(args)
 
@@ -363,7 +367,7 @@ def main(args: argparse.Namespace) -> RunResult:
         for epoch in range(args.start_epoch, args.epochs):
             clock.log_epoch_start(epoch)
             stats = _train_epoch(train_model, model, loader, dataset, optimizer, scaler, device, epoch, args,
-                                 targets_fn, log_writer, start_step, on_update, save)
+                                 targets_fn, log_writer, start_step, on_update, save, mask_fn)
             start_step = 0
             if stopper.stop_requested():
                 writer.wait()  # the epoch's checkpoint is on disk before the job exits
@@ -373,7 +377,7 @@ def main(args: argparse.Namespace) -> RunResult:
         writer.close()
     stopper.uninstall()
     if args.demo and args.target == "pixel" and distributed.is_main_process():
-        panels = reconstructions(model, dataset, targets_fn, args.mask_ratio)
+        panels = reconstructions(model, dataset, targets_fn, args.mask_ratio, mask_noise_fn=mask_fn)
         save_grid_png(panels, Path(args.output_dir) / "reconstructions.png")
     log_summary("pre-training finished", {
         "checkpoints": f"{args.output_dir} (checkpoint-last.pth, checkpoint-<epoch>.pth every {args.save_freq})",
@@ -389,17 +393,17 @@ def main(args: argparse.Namespace) -> RunResult:
 
 def _train_epoch(train_model, model, loader: DataLoader, dataset, optimizer, scaler, device: torch.device, epoch: int,
                  args: argparse.Namespace, targets_fn: TargetsFn | None, log_writer, start_step: int, on_update,
-                 save) -> dict[str, float]:
+                 save, mask_fn) -> dict[str, float]:
     """One epoch (from `start_step` after a mid-epoch resume), its checkpoint, log line and reconstruction grid."""
     dataset.set_epoch(epoch)
     loader.sampler.set_epoch(epoch)
     loader.sampler.set_start_step(start_step)
     stats = train_one_epoch(train_model, loader, optimizer, scaler, device, epoch, args, targets_fn, log_writer,
-                            start_step, on_update)
+                            start_step, on_update, mask_fn)
     save(epoch, 0)
     append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch})
     if log_writer is not None and args.target == "pixel" and args.vis_freq and (epoch + 1) % args.vis_freq == 0:
-        panels = reconstructions(model, dataset, targets_fn, args.mask_ratio)
+        panels = reconstructions(model, dataset, targets_fn, args.mask_ratio, mask_noise_fn=mask_fn)
         log_writer.add_image("reconstructions", grid_tensor(panels), epoch)
     if log_writer is not None:
         log_writer.flush()

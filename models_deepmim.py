@@ -229,7 +229,8 @@ class MaskedAutoencoderDeepMIM(nn.Module):
 
     # -- forward pieces ------------------------------------------------------------------------------------------
     def make_noise(self, batch_size: int, device: torch.device | str) -> Tensor:
-        """Masking noise (N, L); draw it outside `forward` to share one mask with a generator or a plot."""
+        """Uniform masking noise (N, L), MAE's random masking; draw it outside `forward` to share one mask with a
+        generator or a plot. Other strategies (paper Tab. 12, `targets.masking`) also reach the model as noise."""
         return torch.rand(batch_size, self.num_patches, device=device)
 
     def forward_encoder(

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Protocol
 
+import timm
 import torch
 from torch import Tensor
 
@@ -98,14 +99,22 @@ class TeacherTarget:
         return self.teacher(imgs)
 
 
+def check_teacher_model(flag: str, name: str | None) -> None:
+    """Raise ValueError naming `flag` unless `name` is None or a timm architecture."""
+    if name is not None and not timm.is_model(name):
+        raise ValueError(f"{flag} {name!r} is not a timm architecture (see timm.list_models())")
+
+
 def check_target_args(
-    target: str, teacher_path: str | os.PathLike | None, patch_size: int | None = None
+    target: str, teacher_path: str | os.PathLike | None, patch_size: int | None = None,
+    teacher_model: str | None = None,
 ) -> None:
-    """Validate `--target` / `--teacher_path` (and the patch size HOG needs) before any compute.
+    """Validate `--target` / `--teacher_path` / `--teacher_model` (and the patch size HOG needs) before any compute.
 
     Raises ValueError naming the flag: unknown target (with the allowed values); clip/dino without
-    `--teacher_path` or with a path that is not a file; `--teacher_path` given for a target that reads no teacher;
-    HOG with a patch size that is not a multiple of its 8-pixel cell.
+    `--teacher_path` or with a path that is not a file; `--teacher_path` or `--teacher_model` given for a target
+    that reads no teacher, or a `--teacher_model` timm does not know; HOG with a patch size that is not a multiple
+    of its 8-pixel cell.
     """
     if target not in TARGETS:
         raise ValueError(f"--target {target!r} is unknown; choose one of {', '.join(TARGETS)}")
@@ -114,8 +123,11 @@ def check_target_args(
             raise ValueError(f"--target {target} needs --teacher_path (a local {target.upper()} weight file)")
         if not Path(teacher_path).is_file():
             raise ValueError(f"--teacher_path {teacher_path} does not exist or is not a file")
-    elif teacher_path:
-        raise ValueError(f"--teacher_path is only read by --target {' / '.join(TEACHER_TARGETS)}, not {target}")
+    else:
+        for flag, value in (("--teacher_path", teacher_path), ("--teacher_model", teacher_model)):
+            if value:
+                raise ValueError(f"{flag} is only read by --target {' / '.join(TEACHER_TARGETS)}, not {target}")
+    check_teacher_model("--teacher_model", teacher_model)
     if target == "hog" and patch_size is not None and patch_size % HOG_CELL:
         raise ValueError(f"--target hog needs a patch size that is a multiple of {HOG_CELL} (got {patch_size})")
 

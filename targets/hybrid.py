@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -289,3 +289,15 @@ class HybridGenerator:
     def to(self, device: torch.device | str) -> HybridGenerator:
         self.model.to(device)
         return self
+
+
+def hybrid_targets_fn(generator: HybridGenerator, target: Callable[[Tensor], Tensor], alphas: Sequence[float],
+                      blocks: Sequence[int], mask_ratio: float) -> Callable[[Tensor, Tensor], dict[int, Tensor]]:
+    """targets_fn(imgs, noise) -> {block: t_block} of Eq. 1: the generator reconstructs the student's masked image
+    (the same noise, hence the same mask) and each decoder's target blends it with `target(imgs)`."""
+
+    def hybrid_targets(imgs: Tensor, noise: Tensor) -> dict[int, Tensor]:
+        x_hat = generator.reconstruct(imgs, noise, mask_ratio)
+        return blend_targets(target(imgs), x_hat, alphas, blocks)
+
+    return hybrid_targets

@@ -1,5 +1,5 @@
 """configs/: every experiment file loads against its script's parser, resolves, validates and builds its model (on
-the meta device); the paper's numbers, typed in here from Appendix A and Tabs. 2 and 7-11, match the files. (The
+the meta device); the paper's numbers, typed in here from Appendix A and Tabs. 2, 7-11 and 12, match the files. (The
 mechanism, util/config.py, is tested in test_config_mechanism.py.)"""
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ ALL_FILES = sorted(CONFIGS.rglob("*.yaml"))
 PRETRAIN_FILES = [p for p in ALL_FILES if p.relative_to(CONFIGS).parts[0] == "pretrain"]
 CLASSIFY_FILES = [p for p in ALL_FILES if p.relative_to(CONFIGS).parts[0] in ("finetune", "linprobe")]
 # Paths belong on the command line, never in an experiment file.
-PATH_KEYS = ("data_path", "output_dir", "log_dir", "finetune", "resume", "teacher_path", "hybrid_generator")
+PATH_KEYS = ("data_path", "output_dir", "log_dir", "finetune", "resume", "teacher_path", "hybrid_generator",
+             "mask_teacher_path")
 
 
 def rel(path: Path) -> str:
@@ -69,7 +70,7 @@ DAGGER_ALPHAS = (0.0, 1 / 3, 2 / 3, 1.0)  # Sec. 3, Tab. 9 config 4
 
 
 class Experiment(NamedTuple):
-    """A pre-training row of the paper: method, supervised blocks, epochs, target, alphas, shared decoder."""
+    """A pre-training row of the paper: method, supervised blocks, epochs, target, alphas, shared decoder, masking."""
 
     method: str  # "mae" or "deepmim"
     blocks: tuple[int, ...]
@@ -77,6 +78,7 @@ class Experiment(NamedTuple):
     target: str = "pixel"
     alphas: tuple[float, ...] | None = None  # None: no hybrid targets (alpha 1 everywhere)
     shared: bool = False
+    masking: str = "random"  # Tab. 12: --mask_strategy
 
 
 def _tab8(*inter: int) -> Experiment:
@@ -115,6 +117,11 @@ PAPER_EXPERIMENTS = {
         Experiment("deepmim", (6, 12), 300, shared=True),
     "pretrain/ablations/deepmim_vit_base_300e_shared_decoder.yaml":
         Experiment("deepmim", DEEPMIM_BLOCKS, 300, shared=True),
+    # Tab. 12 (masking strategies, Appendix B): semantic-aware masking (MILAN [23]), 82.9 and 83.8
+    "pretrain/ablations/mae_vit_base_300e_semantic_aware.yaml":
+        Experiment("mae", (12,), 300, masking="semantic_aware"),
+    "pretrain/ablations/deepmim_vit_base_300e_semantic_aware.yaml":
+        Experiment("deepmim", DEEPMIM_BLOCKS, 300, masking="semantic_aware"),
 }
 
 # Every row of the ablation tables (300-epoch pixel pre-training), as (blocks, alphas, shared decoder).
@@ -184,6 +191,10 @@ def pretrain_argv(path: Path, tmp_path: Path, values: dict[str, Any]) -> list[st
         teacher = tmp_path / "teacher.pt"
         teacher.write_bytes(b"")
         argv += ["--teacher_path", str(teacher)]
+    elif values.get("mask_strategy") == "semantic_aware":
+        teacher = tmp_path / "mask_teacher.pt"
+        teacher.write_bytes(b"")
+        argv += ["--mask_teacher_path", str(teacher)]
     return argv
 
 
@@ -236,14 +247,16 @@ def test_pretrain_config_resolves_validates_round_trips_and_builds_what_it_claim
 
 
 @pytest.mark.parametrize("path", [p for p in PRETRAIN_FILES if "dagger" in p.name or "clip" in p.name
-                                  or "dino" in p.name], ids=rel)
+                                  or "dino" in p.name or "semantic" in p.name], ids=rel)
 def test_pretrain_config_names_the_file_it_needs(path, tmp_path):
-    """DeepMIM-dagger files need --hybrid_generator, teacher targets --teacher_path: validation says so."""
+    """DeepMIM-dagger files need --hybrid_generator, teacher targets --teacher_path, semantic-aware masking
+    --mask_teacher_path: validation says so."""
     data = write_image_folder(tmp_path / "images", 2)
     parser = make_parser("pretrain")
     args = main_pretrain.resolve_args(config.parse_with_config(parser, ["--config", str(path), "--data_path",
                                                                         str(data)]), parser)
-    flag = "--hybrid_generator" if "dagger" in path.name else "--teacher_path"
+    flag = "--hybrid_generator" if "dagger" in path.name else "--mask_teacher_path" if "semantic" in path.name \
+        else "--teacher_path"
     with pytest.raises(ValueError, match=flag):
         main_pretrain.validate_args(args)
 
@@ -294,16 +307,18 @@ def test_pretrain_files_hold_the_papers_numbers(name):
     assert tuple(values["supervised_blocks"]) == exp.blocks
     assert values["epochs"] == exp.epochs and values["target"] == exp.target
     assert bool(values.get("shared_decoder")) == exp.shared
+    assert values.get("mask_strategy", "random") == exp.masking
     alphas = effective_alphas(values, exp.blocks)
     assert alphas == pytest.approx(exp.alphas or (1.0,) * len(exp.blocks), abs=1e-15)
 
 
 def ablation_rows() -> list[tuple[tuple[int, ...], tuple[float, ...], bool]]:
-    """(blocks, alphas, shared) of every 300-epoch pixel pre-training file."""
+    """(blocks, alphas, shared) of every 300-epoch pixel pre-training file with random masking."""
     rows = []
     for path in PRETRAIN_FILES:
         values = file_values(path)
-        if values["epochs"] == 300 and values["target"] == "pixel":
+        random_masks = values.get("mask_strategy", "random") == "random"
+        if values["epochs"] == 300 and values["target"] == "pixel" and random_masks:
             blocks = tuple(values["supervised_blocks"])
             rows.append((blocks, effective_alphas(values, blocks), bool(values.get("shared_decoder"))))
     return rows

@@ -7,9 +7,16 @@ per-patch-normalised decoders are un-normalised with statistics of the visible p
 For DeepMIM†, `--hybrid_generator` adds each decoder's hybrid target t = a x + (1 - a) x_hat (Eq. 1), x_hat being
 the generator's reconstruction under the same mask.
 
+`--mask_strategy random semantic_aware` draws every checkpoint's panels under each masking strategy (paper Tab. 12),
+side by side in one PNG, from the same uniform numbers (`--seed`): semantic-aware masking (MILAN [23]) adds an
+"attention" panel, the image weighted by the frozen teacher's class-token attention that draws its visible patches
+(`--mask_teacher`, `--mask_teacher_path`; see targets/masking.py). The default (random) draws what it always did.
+
     python tools/visualize.py --ckpt mae.pth deepmim.pth --names MAE DeepMIM --demo_images --output_dir out/vis
     python tools/visualize.py --ckpt deepmim_dagger.pth --hybrid_generator mae_pretrain_vit_base_full.pth \\
         --data_path /data/imagenet --num_images 8 --output_dir out/vis
+    python tools/visualize.py --ckpt deepmim.pth --mask_strategy random semantic_aware --mask_teacher clip \\
+        --mask_teacher_path ViT-B-16.pt --demo_images --output_dir out/vis
 
 Needs the decoders: pre-training checkpoints of main_pretrain.py (or released MAE/DeepMIM files with decoders).
 Fine-tuned / probed classifiers, exports and encoder-only releases are refused with a message naming the file.
@@ -32,7 +39,9 @@ from analysis import cli, images  # noqa: E402
 from analysis.loading import LoadedModel  # noqa: E402
 from analysis.visualize import PATCH_STATS, file_stem, reconstruction_panels, save_grid_png  # noqa: E402
 from models_deepmim import random_masking  # noqa: E402
+from targets import masking  # noqa: E402
 from targets.hybrid import DEFAULT_ALPHAS, HybridGenerator, blend_targets, check_hybrid_args  # noqa: E402
+from util.datasets import denormalize  # noqa: E402
 
 logger = logging.getLogger("tools.visualize")
 
@@ -53,6 +62,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     hybrid.add_argument("--hybrid_alphas", default=None, type=float, nargs="+",
                         help="blending ratio a per supervised block (default 0 1/3 2/3 1, paper Tab. 9); checkpoints "
                              "with another number of decoders are drawn without targets")
+    masking.add_mask_args(parser.add_argument_group("masking strategies (paper Tab. 12), compared side by side"),
+                          several=True)
     group.add_argument("--per_image", action="store_true", help="also write one PNG per image and checkpoint")
     group.add_argument("--panel_px", default=None, type=int, help="panel size in the PNG (default max(input, 128))")
     return parser
@@ -67,6 +78,32 @@ def check_args(args: argparse.Namespace) -> None:
         raise cli.UsageError("--hybrid_alphas needs --hybrid_generator")
     if args.hybrid_generator is not None and not Path(args.hybrid_generator).is_file():
         raise cli.UsageError(f"--hybrid_generator {args.hybrid_generator} does not exist or is not a file")
+    if len(set(args.mask_strategy)) != len(args.mask_strategy):
+        raise cli.UsageError(f"--mask_strategy {' '.join(args.mask_strategy)} names a strategy twice")
+    semantic = "semantic_aware" if "semantic_aware" in args.mask_strategy else "random"
+    try:
+        args.mask_teacher_spec = masking.resolve_mask_teacher(semantic, args.mask_teacher, args.mask_teacher_path,
+                                                              args.mask_teacher_model)
+    except ValueError as err:
+        raise cli.UsageError(str(err)) from err
+
+
+def build_strategies(args: argparse.Namespace, grid_size: tuple[int, int]) -> dict[str, masking.MaskStrategy]:
+    """Every --mask_strategy on the first checkpoint's grid (`with_grid` moves them to another one); the teacher
+    of semantic_aware is built once."""
+    try:
+        return {name: masking.build_mask_strategy(name, args.mask_teacher_spec, grid_size=grid_size,
+                                                  device=args.device) for name in args.mask_strategy}
+    except ValueError as err:
+        raise cli.UsageError(str(err)) from err
+
+
+def attention_panel(imgs: torch.Tensor, weights: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """The image (N, 3, H, W) in [0, 1] dimmed where the teacher's attention (N, L) is low: each patch scaled by
+    0.2 + 0.8 w / max(w)."""
+    scale = (weights / weights.amax(-1, keepdim=True)).reshape(-1, 1, *grid_size)
+    scale = torch.nn.functional.interpolate(scale, size=imgs.shape[-2:], mode="nearest")
+    return (denormalize(imgs) * (0.2 + 0.8 * scale)).float().cpu()
 
 
 def load_generator(args: argparse.Namespace, m: LoadedModel) -> tuple[HybridGenerator, tuple] | None:
@@ -91,27 +128,45 @@ def load_generator(args: argparse.Namespace, m: LoadedModel) -> tuple[HybridGene
 
 @torch.inference_mode()
 def reconstruct_all(m: LoadedModel, generator: tuple[HybridGenerator, tuple] | None,
-                    loader: torch.utils.data.DataLoader, noise: torch.Tensor,
-                    args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Panels {name: (N, 3, H, W)} over every image of the loader, and the mean loss of every decoder."""
+                    loader: torch.utils.data.DataLoader, uniform: torch.Tensor, strategy: masking.MaskStrategy,
+                    args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], dict[str, float], torch.Tensor]:
+    """Panels {name: (N, 3, H, W)} over every image of the loader, the mean loss of every decoder, and the masking
+    noise (N, L) that `strategy` made of the uniform numbers (random: the numbers themselves)."""
     panels: dict[str, list[torch.Tensor]] = {}
     losses: dict[str, float] = {}
+    noises = []
     start = 0
     for imgs, _ in loader:
         imgs = imgs.to(args.device)
-        batch_noise = noise[start:start + len(imgs)].to(args.device)
+        batch_noise = strategy(imgs, uniform[start:start + len(imgs)].to(args.device))
+        noises.append(batch_noise.cpu())
         start += len(imgs)
         targets = None
         if generator is not None:
             x_hat = generator[0].reconstruct(imgs, batch_noise, args.mask_ratio)
             targets = blend_targets(m.model.pixel_targets(imgs), x_hat, generator[1], m.model.supervised_blocks)
-        for key, value in reconstruction_panels(m.model, imgs, batch_noise, args.mask_ratio, targets,
-                                                args.patch_stats).items():
+        batch = reconstruction_panels(m.model, imgs, batch_noise, args.mask_ratio, targets, args.patch_stats)
+        if isinstance(strategy, masking.SemanticAwareMasking):  # the teacher's pass is cached: not run again
+            attention = attention_panel(imgs, strategy.weights(imgs), m.model.grid_size)
+            batch = {"original": batch.pop("original"), "attention": attention, **batch}
+        for key, value in batch.items():
             panels.setdefault(key, []).append(value)
         _, batch_losses, _, _ = m.model(imgs, mask_ratio=args.mask_ratio, noise=batch_noise, targets=targets)
         for block, loss in batch_losses.items():
             losses[str(block)] = losses.get(str(block), 0.0) + float(loss) * len(imgs)
-    return {k: torch.cat(v) for k, v in panels.items()}, {b: v / start for b, v in losses.items()}
+    return {k: torch.cat(v) for k, v in panels.items()}, {b: v / start for b, v in losses.items()}, torch.cat(noises)
+
+
+def merge_strategies(panels: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{strategy: panels} -> one set of panels: the original once, then each strategy's other panels with the
+    strategy in their names ('masked (random)', ...); a single strategy's panels unchanged."""
+    if len(panels) == 1:
+        return next(iter(panels.values()))
+    first = next(iter(panels.values()))
+    merged = {"original": first["original"]}
+    for name, own in panels.items():
+        merged.update({f"{key} ({name})": value for key, value in own.items() if key != "original"})
+    return merged
 
 
 def write_pngs(panels: dict[str, torch.Tensor], stem: str, args: argparse.Namespace) -> list[str]:
@@ -124,6 +179,11 @@ def write_pngs(panels: dict[str, torch.Tensor], stem: str, args: argparse.Namesp
     return pngs
 
 
+def masked_patches(noise: torch.Tensor, mask_ratio: float) -> list[list[int]]:
+    """The removed patch positions of every image under this noise."""
+    return [row.nonzero().flatten().tolist() for row in random_masking(noise, mask_ratio).mask]
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     check_args(args)
     models, input_size = cli.load_models(args, require_decoders=True)
@@ -134,16 +194,23 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"mask_ratio": args.mask_ratio, "seed": args.seed, "patch_stats": args.patch_stats,
                               "input_size": input_size, "num_images": num_images,
                               "hybrid_generator": args.hybrid_generator, "checkpoints": {}}
+    strategies = build_strategies(args, models[0].model.grid_size)
+    result["mask_strategy"] = list(strategies)
     for m, generator in zip(models, generators):
-        noise = images.mask_noise(num_images, m.model.num_patches, args.seed)
-        panels, losses = reconstruct_all(m, generator, loader, noise, args)
+        uniform = images.mask_noise(num_images, m.model.num_patches, args.seed)  # shared by every strategy
+        runs = {name: reconstruct_all(m, generator, loader, uniform, s.with_grid(m.model.grid_size), args)
+                for name, s in strategies.items()}
+        panels = merge_strategies({name: run[0] for name, run in runs.items()})
         pngs = write_pngs(panels, f"recon_{file_stem(m.name)}", args)
-        masks = random_masking(noise, args.mask_ratio).mask
+        by_strategy = {name: {"loss": losses, "masked_patches": masked_patches(noise, args.mask_ratio)}
+                       for name, (_, losses, noise) in runs.items()}
         alphas = None if generator is None else dict(zip(map(str, m.model.supervised_blocks), generator[1]))
         result["checkpoints"][m.name] = {
-            "path": m.path, "epoch": m.epoch, "panels": list(panels), "png": pngs, "loss": losses,
-            "hybrid_alphas": alphas, "masked_patches": [row.nonzero().flatten().tolist() for row in masks],
+            "path": m.path, "epoch": m.epoch, "panels": list(panels), "png": pngs, "hybrid_alphas": alphas,
+            **next(iter(by_strategy.values())),  # the first strategy's, as before strategies existed
         }
+        if len(by_strategy) > 1:
+            result["checkpoints"][m.name]["by_strategy"] = by_strategy
         logger.info("%s: %s", m.name, pngs[0])
     (Path(args.output_dir) / "recon.json").write_text(json.dumps(result, indent=1))
     return result
