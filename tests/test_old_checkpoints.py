@@ -7,6 +7,7 @@ import argparse
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import write_image_folder
 
@@ -41,6 +42,22 @@ def test_old_pretraining_checkpoint_resumes_its_run(tmp_path):
     assert state["epoch"] == 1  # the old run's second epoch, trained now
     old = load_checkpoint(OLD_PRETRAIN)["model"]
     assert not torch.equal(state["model"]["blocks.0.attn.qkv.weight"], old["blocks.0.attn.qkv.weight"])
+
+
+def test_old_pretraining_run_resumed_with_another_masking_strategy_is_refused(tmp_path):
+    """The old run predates --mask_strategy: it masked randomly, so semantic-aware masking is another experiment."""
+    out = tmp_path / "pre"
+    out.mkdir()
+    shutil.copy(OLD_PRETRAIN, out / "checkpoint-0.pth")
+    teacher = tmp_path / "clip.pt"
+    teacher.write_bytes(b"never read: the resume check comes first")
+    data = write_image_folder(tmp_path / "images", num_images=8, size=40)
+    argv = ["--data_path", str(data), "--output_dir", str(out), "--model", "deepmim_vit_small_patch16", *ARCH,
+            "--supervised_blocks", "1", "2", "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "1",
+            "--num_workers", "0", "--blr", "1e-3", "--norm_pix_loss", "--device", "cpu", "--resume", "auto",
+            "--mask_strategy", "semantic_aware", "--mask_teacher", "clip", "--mask_teacher_path", str(teacher)]
+    with pytest.raises(ValueError, match="--mask_strategy: 'random' -> 'semantic_aware'"):
+        main_pretrain.main(main_pretrain.parse_args(argv))
 
 
 def test_old_pretraining_checkpoint_loads_into_the_analysis_tools():

@@ -42,6 +42,13 @@ LOGGED_SETTINGS = ("amp",)
 #: Flags compared only when the current run gives them: the pre-trained source of fine-tuning / probing, which a
 #: resumed run need not name again (its weights come from the checkpoint) but which must match when it does.
 COMPARED_WHEN_GIVEN = frozenset({"finetune"})
+#: Result-changing flags added after checkpoints were first written, with the value that reproduces what the older
+#: code did (a new flag's default keeps the old behaviour): a checkpoint without the flag ran with that value, so
+#: resume compares the current value with it (e.g. an old run resumed with --mask_strategy semantic_aware is refused).
+ADDED_FLAG_DEFAULTS: Mapping[str, Any] = {
+    "mask_strategy": "random", "mask_teacher": None, "mask_teacher_path": None, "mask_teacher_model": None,
+    "teacher_model": None,
+}
 
 
 def allowed_changes(value: str | Iterable[str] | None) -> set[str]:
@@ -57,10 +64,12 @@ def changed_settings(saved_args: Mapping[str, Any], args: Any) -> dict[str, tupl
     """The result-changing flags that differ: {name: (stored, current)}, in the current run's flag order.
 
     `saved_args` is a checkpoint's "args" (plain values), `args` a Namespace or dict. Every key present on both sides
-    is compared, except IGNORED_SETTINGS (and COMPARED_WHEN_GIVEN when the current value is empty); a key on one side
-    only (a flag added or removed by newer code) is not. Values compare as plain values: a tuple equals its list.
+    is compared, except IGNORED_SETTINGS (and COMPARED_WHEN_GIVEN when the current value is empty); a key the
+    checkpoint lacks is compared with its ADDED_FLAG_DEFAULTS value when it has one, else (a flag added or removed
+    by newer code) not. Values compare as plain values: a tuple equals its list.
     """
     saved, current = plain_args(dict(saved_args)), plain_args(args)
+    saved = {**{k: v for k, v in ADDED_FLAG_DEFAULTS.items() if k in current}, **saved}
     ignored = IGNORED_SETTINGS
     if current.get("global_batch_size") is not None and saved.get("global_batch_size") == current["global_batch_size"]:
         ignored = ignored | SPLIT_OF_GLOBAL_BATCH  # the same global batch on another number of GPUs
