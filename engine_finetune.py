@@ -146,9 +146,10 @@ class Run:
         optimizer: torch.optim.Optimizer,
         loaders: tuple[DataLoader, DataLoader, int | None],
         mixup_fn: Mixup | None = None,
+        flag_defaults: Mapping[str, Any] | None = None,
     ):
         self.args, self.bare, self.criterion, self.optimizer = args, model, criterion, optimizer
-        self.mixup_fn = mixup_fn
+        self.mixup_fn, self.flag_defaults = mixup_fn, flag_defaults
         self.train_loader, self.val_loader, self.num_real_val = loaders
         self.device = torch.device(args.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
@@ -166,7 +167,8 @@ class Run:
         if args.eval:
             self.bare.load_state_dict(state["model"])
             return
-        self.start_step = restore_training_state(state, self.bare, self.optimizer, self.scaler, args, path=args.resume)
+        self.start_step = restore_training_state(state, self.bare, self.optimizer, self.scaler, args, path=args.resume,
+                                                 defaults=self.flag_defaults)
         self.best_acc = float(state.get("best_acc", 0.0))
 
     def evaluate(self) -> dict[str, float]:

@@ -38,7 +38,7 @@ import models_vit
 from engine_finetune import Run, execute
 from util import cls_run
 from util.cls_data import build_datasets, build_loaders, finetune_transform
-from util.config import check_range
+from util.config import check_range, flag_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +212,8 @@ def train(args: argparse.Namespace, checkpoint: Mapping[str, Any] | None) -> dic
     train_set, val_set = build_datasets(args, train_transform, finetune_transform(False, args.input_size))
     loaders = build_loaders(args, train_set, val_set)
     model = build_model(args, checkpoint).to(device)
-    run = Run(args, model, build_criterion(args), build_optimizer(model, args), loaders, build_mixup(args))
+    run = Run(args, model, build_criterion(args), build_optimizer(model, args), loaders, build_mixup(args),
+              flag_defaults=flag_defaults(get_args_parser()))
     return execute(run, checkpoint, "Fine-tuning")
 
 

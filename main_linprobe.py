@@ -30,6 +30,7 @@ import models_vit
 from engine_finetune import Run, execute
 from util import cls_run
 from util.cls_data import build_datasets, build_loaders, linprobe_transform
+from util.config import flag_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +161,8 @@ def train(args: argparse.Namespace, checkpoint: Mapping[str, Any] | None) -> dic
                   depth=args.depth, num_heads=args.num_heads, num_classes=args.nb_classes, drop_path_rate=0.0,
                   global_pool=args.global_pool, probe_block=args.probe_block)
     model = build_probe(config, None if args.resume else checkpoint).to(device)
-    run = Run(args, model, nn.CrossEntropyLoss(), build_optimizer(model, args), loaders)
+    run = Run(args, model, nn.CrossEntropyLoss(), build_optimizer(model, args), loaders,
+              flag_defaults=flag_defaults(get_args_parser()))
     what = f"block {args.probe_block}" if args.probe_block else ("global pool" if args.global_pool else "cls token")
     return execute(run, checkpoint, f"Linear probe ({what})")
 

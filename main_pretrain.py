@@ -349,7 +349,8 @@ def main(args: argparse.Namespace) -> RunResult:
                 eff_batch, args.lr, args.amp)
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    start_step = resume.resume_training(model, optimizer, scaler, args) if args.resume else 0
+    defaults = config.flag_defaults(get_args_parser())  # what runs that predate a flag ran with
+    start_step = resume.resume_training(model, optimizer, scaler, args, defaults) if args.resume else 0
     targets_fn = build_targets_fn(args, target, model, device)
     mask_fn = masking.build_mask_strategy(args.mask_strategy, masking.mask_teacher_from_args(args),
                                           grid_size=model.grid_size, target=target, device=device)

@@ -159,13 +159,15 @@ def test_keys_on_one_side_only_are_not_compared():
     assert resume.changed_settings(saved, run_args(seed=5)) == {"seed": (0, 5)}
 
 
-def test_a_flag_added_later_is_compared_with_the_default_that_reproduces_older_runs():
+def test_a_flag_the_checkpoint_lacks_is_compared_with_its_code_default():
     saved = vars(run_args())  # written before --mask_strategy existed
-    assert resume.changed_settings(saved, run_args(mask_strategy="random", mask_teacher=None)) == {}
-    assert resume.changed_settings(saved, run_args(mask_strategy="semantic_aware", mask_teacher="clip")) == {
+    defaults = {"mask_strategy": "random", "mask_teacher": None, "seed": 0}
+    assert resume.changed_settings(saved, run_args(mask_strategy="random", mask_teacher=None), defaults) == {}
+    assert resume.changed_settings(saved, run_args(mask_strategy="semantic_aware", mask_teacher="clip"), defaults) == {
         "mask_strategy": ("random", "semantic_aware"), "mask_teacher": (None, "clip")}
     assert resume.changed_settings({**saved, "mask_strategy": "semantic_aware"},
-                                   run_args(mask_strategy="semantic_aware")) == {}
+                                   run_args(mask_strategy="semantic_aware"), defaults) == {}
+    assert resume.changed_settings(saved, run_args(mask_strategy="semantic_aware")) == {}  # no defaults: not compared
 
 
 def test_tuples_equal_their_stored_lists_and_finetune_source_compared_only_when_given():

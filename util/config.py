@@ -102,6 +102,12 @@ def flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return actions
 
 
+def flag_defaults(parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The code's default of every flag (what a run that predates a flag ran with: a new flag's default keeps the
+    old behaviour); `util.resume` compares a flag a checkpoint lacks with it."""
+    return {dest: action.default for dest, action in flag_actions(parser).items()}
+
+
 def _read_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")

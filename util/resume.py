@@ -42,13 +42,6 @@ LOGGED_SETTINGS = ("amp",)
 #: Flags compared only when the current run gives them: the pre-trained source of fine-tuning / probing, which a
 #: resumed run need not name again (its weights come from the checkpoint) but which must match when it does.
 COMPARED_WHEN_GIVEN = frozenset({"finetune"})
-#: Result-changing flags added after checkpoints were first written, with the value that reproduces what the older
-#: code did (a new flag's default keeps the old behaviour): a checkpoint without the flag ran with that value, so
-#: resume compares the current value with it (e.g. an old run resumed with --mask_strategy semantic_aware is refused).
-ADDED_FLAG_DEFAULTS: Mapping[str, Any] = {
-    "mask_strategy": "random", "mask_teacher": None, "mask_teacher_path": None, "mask_teacher_model": None,
-    "teacher_model": None,
-}
 
 
 def allowed_changes(value: str | Iterable[str] | None) -> set[str]:
@@ -60,16 +53,19 @@ def allowed_changes(value: str | Iterable[str] | None) -> set[str]:
     return {name for name in names if name}
 
 
-def changed_settings(saved_args: Mapping[str, Any], args: Any) -> dict[str, tuple[Any, Any]]:
+def changed_settings(saved_args: Mapping[str, Any], args: Any,
+                     defaults: Mapping[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
     """The result-changing flags that differ: {name: (stored, current)}, in the current run's flag order.
 
     `saved_args` is a checkpoint's "args" (plain values), `args` a Namespace or dict. Every key present on both sides
     is compared, except IGNORED_SETTINGS (and COMPARED_WHEN_GIVEN when the current value is empty); a key the
-    checkpoint lacks is compared with its ADDED_FLAG_DEFAULTS value when it has one, else (a flag added or removed
-    by newer code) not. Values compare as plain values: a tuple equals its list.
+    checkpoint lacks (a flag added by newer code) is compared with its code default in `defaults` (the script's
+    parser defaults, `util.config.flag_defaults`): a new flag's default keeps the old behaviour, so the older run ran
+    with it. Without `defaults`, or for a key without one, it is not compared. Values compare as plain values: a
+    tuple equals its list.
     """
     saved, current = plain_args(dict(saved_args)), plain_args(args)
-    saved = {**{k: v for k, v in ADDED_FLAG_DEFAULTS.items() if k in current}, **saved}
+    saved = {**{k: v for k, v in plain_args(dict(defaults or {})).items() if k in current}, **saved}
     ignored = IGNORED_SETTINGS
     if current.get("global_batch_size") is not None and saved.get("global_batch_size") == current["global_batch_size"]:
         ignored = ignored | SPLIT_OF_GLOBAL_BATCH  # the same global batch on another number of GPUs
@@ -82,8 +78,9 @@ def changed_settings(saved_args: Mapping[str, Any], args: Any) -> dict[str, tupl
 
 def check_resume_compatible(saved_args: Mapping[str, Any], args: Any, allowed: str | Iterable[str] | None = None, *,
                             saved_world_size: int | None = None, world_size: int | None = None,
-                            source: str = "the checkpoint") -> None:
-    """Raise ValueError unless the checkpoint's stored flags match the current ones (see `changed_settings`).
+                            source: str = "the checkpoint", defaults: Mapping[str, Any] | None = None) -> None:
+    """Raise ValueError unless the checkpoint's stored flags match the current ones (see `changed_settings`, which
+    compares a flag the checkpoint lacks with its code default in `defaults`).
 
     The error lists every differing flag as `--flag: old -> new` and says how to proceed (another --output_dir, or
     --resume_allow_changes). Flags named in `allowed` (--resume_allow_changes) pass, each logged with a warning;
@@ -91,7 +88,7 @@ def check_resume_compatible(saved_args: Mapping[str, Any], args: Any, allowed: s
     effective batch (lr is derived from it), and a changed effective batch at an unchanged --lr is logged.
     """
     names = allowed_changes(allowed)
-    changes = changed_settings(saved_args, args)
+    changes = changed_settings(saved_args, args, defaults)
     batches = _effective_batches(saved_args, args, saved_world_size, world_size)
     refused = {key: change for key, change in changes.items() if key not in names}
     if refused:
@@ -230,20 +227,21 @@ def load_resume_state(args: Any) -> tuple[Path | None, dict[str, Any] | None]:
 def restore_training_state(state: Mapping[str, Any], model: torch.nn.Module,
                            optimizer: torch.optim.Optimizer | None, scaler: torch.amp.GradScaler | None, args: Any,
                            path: str | os.PathLike | None = None, *, world_size: int | None = None,
-                           check_args: bool = True) -> int:
+                           check_args: bool = True, defaults: Mapping[str, Any] | None = None) -> int:
     """Continue from `state`: checks first, then model, optimizer, scaler, schedule position and this rank's RNG.
 
     Before anything is loaded: `check_mid_epoch_compatible` and `check_resume_compatible` (with
-    args.resume_allow_changes), skipped with check_args=False (e.g. --eval of a checkpoint), and a check that the
-    stored weights fit `model`; each raises ValueError. `optimizer` / `scaler` None are skipped. `world_size`
-    defaults to the process group's. Sets args.start_epoch and returns the steps of that epoch already done.
+    args.resume_allow_changes and the script's flag `defaults`), skipped with check_args=False (e.g. --eval of a
+    checkpoint), and a check that the stored weights fit `model`; each raises ValueError. `optimizer` / `scaler`
+    None are skipped. `world_size` defaults to the process group's. Sets args.start_epoch and returns the steps of
+    that epoch already done.
     """
     world_size = distributed.get_world_size() if world_size is None else world_size
     if check_args:
         check_mid_epoch_compatible(state, args, world_size, path)
         check_resume_compatible(state.get("args") or {}, args, getattr(args, "resume_allow_changes", None),
                                 saved_world_size=checkpoint_world_size(state), world_size=world_size,
-                                source=_source(path))
+                                source=_source(path), defaults=defaults)
     check_model_fits(model, state, path)
     model.load_state_dict(state["model"])
     if optimizer is not None and state.get("optimizer"):
@@ -309,7 +307,7 @@ def _restore_rank_rng(rng: list[dict[str, Any]], world_size: int) -> None:
 
 
 def resume_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                    args: Any) -> int:
+                    args: Any, defaults: Mapping[str, Any] | None = None) -> int:
     """Restore everything from --resume (a path, or 'auto': the newest loadable one in --output_dir).
 
     `load_resume_state` + `restore_training_state`: sets args.start_epoch and returns the number of steps of that
@@ -319,4 +317,4 @@ def resume_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
     path, state = load_resume_state(args)
     if state is None:
         return 0
-    return restore_training_state(state, model, optimizer, scaler, args, path=path)
+    return restore_training_state(state, model, optimizer, scaler, args, path=path, defaults=defaults)
