@@ -33,6 +33,7 @@ from util.patches import (
     patchify,
     random_masking,
     sincos_pos_embed,
+    uniform_noise,
 )
 
 logger = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ class MaskedAutoencoderDeepMIM(nn.Module):
     def make_noise(self, batch_size: int, device: torch.device | str) -> Tensor:
         """Uniform masking noise (N, L), MAE's random masking; draw it outside `forward` to share one mask with a
         generator or a plot. Other strategies (paper Tab. 12, `targets.masking`) also reach the model as noise."""
-        return torch.rand(batch_size, self.num_patches, device=device)
+        return uniform_noise(batch_size, self.num_patches, device)
 
     def forward_encoder(
         self, imgs: Tensor, mask_ratio: float, noise: Tensor | None = None

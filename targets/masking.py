@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from targets.build import TEACHER_TARGETS, Target, TeacherTarget, check_teacher_model
 from targets.teachers import TEACHERS, FrozenTeacher, build_teacher
+from util.patches import uniform_noise
 
 MASK_STRATEGIES = ("random", "semantic_aware")
 TEACHER_FLAGS = ("--mask_teacher", "--mask_teacher_path", "--mask_teacher_model")
@@ -72,8 +73,8 @@ class RandomMasking:
         return RandomMasking(grid_size[0] * grid_size[1])
 
     def __call__(self, imgs: Tensor, uniform: Tensor | None = None) -> Tensor:
-        # The call of `MaskedAutoencoderDeepMIM.make_noise`: the same seed gives the same masks as before strategies.
-        return torch.rand(imgs.shape[0], self.num_patches, device=imgs.device) if uniform is None else uniform
+        # `MaskedAutoencoderDeepMIM.make_noise`'s call: the same seed gives the same masks as before strategies.
+        return uniform_noise(imgs.shape[0], self.num_patches, imgs.device) if uniform is None else uniform
 
 
 MIN_WEIGHT = 1e-30  # weights below count as this: patches without attention come last, in random order
@@ -126,7 +127,7 @@ class SemanticAwareMasking:
     def __call__(self, imgs: Tensor, uniform: Tensor | None = None) -> Tensor:
         weights = self.weights(imgs)
         if uniform is None:
-            uniform = torch.rand(imgs.shape[0], self.num_patches, device=imgs.device)
+            uniform = uniform_noise(imgs.shape[0], self.num_patches, imgs.device)
         return sampling_noise(uniform.to(weights.device), weights)
 
 

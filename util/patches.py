@@ -25,6 +25,12 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
     return int(num_patches * (1 - mask_ratio))
 
 
+def uniform_noise(batch_size: int, num_patches: int, device: torch.device | str) -> Tensor:
+    """MAE's masking noise: u ~ U(0, 1), (N, L), drawn from the global RNG on `device`. The one call of it, so that the
+    model's random masking and every masking strategy draw the same numbers for the same seed."""
+    return torch.rand(batch_size, num_patches, device=device)
+
+
 def random_masking(noise: Tensor, mask_ratio: float) -> Masking:
     """Per-sample random masking by argsort of noise (MAE): the smallest noise values are kept.
 
