@@ -1,13 +1,14 @@
 #!/usr/bin/env python
-"""The paper's findings at small scale on real images, end to end (issue 8).
+"""The paper's findings at small scale on real images, end to end (issues 8 and 17).
 
-Data: scikit-learn's 1,797 handwritten digits (real scans shipped with the package), upsampled to 32x32 RGB, with
-the fixed train/val split of `util.cls_data.DigitsDemo` (seed 0, 20 % val), written once as an ImageFolder
-(`<output_dir>/data/{train,val}/<class>/*.png`) so that pre-training, probing and the analysis tools all read
-files through their own pipelines.
+Task (`--task`, default photo_crops; docs/small_scale_study.md says why): which of scikit-image's eight colour
+photographs a random 32x32 crop (5-30 % of the photograph's area, random aspect and flip) comes from, 160 crops per
+photograph and split; or scikit-learn's 1,797 handwritten digits upsampled to 32x32 (`util.cls_data.DigitsDemo`'s
+split). Either is written once as an ImageFolder (`<output_dir>/data/{train,val}/<class>/*.png`), so pre-training,
+fine-tuning and the analysis tools all read files through their own pipelines.
 
-Per seed, four tiny ViTs (32 px, patch 4, 6 blocks of width 128, 4 heads) are pre-trained with `main_pretrain.py`
-with the same budget, data, seed and `--norm_pix_loss` (MAE's recipe):
+Per seed, four tiny ViTs (32 px, patch 4, 6 blocks of width 128, 4 heads with --preset cpu) are pre-trained with
+`main_pretrain.py` with the same budget, data, seed and `--norm_pix_loss` (MAE's recipe):
 
     mae             MAE baseline, one decoder on the last block
     deepmim         DeepMIM, independent decoders on blocks depth*{1/2, 2/3, 5/6, 1} = 3 4 5 6
@@ -15,24 +16,26 @@ with the same budget, data, seed and `--norm_pix_loss` (MAE's recipe):
     deepmim_hybrid  DeepMIM+ (the paper's dagger): the same seed's MAE checkpoint as --hybrid_generator,
                     default alphas 0 1/3 2/3 1 (paper Eq. 1, Tab. 9 config 4)
 
-and then measured with the project's own tools: linear-probe top-1 of every block (`main_linprobe.py
---probe_block K`, Figs. 5-7 / Tab. 7 with a probe instead of fine-tuning), the last decoder's validation
-reconstruction loss with fixed masks (`tools/eval_recon_loss.py`, Fig. 3), CKA of every block with the last
-(`tools/cka.py`, Fig. 4) and attention-head similarity per layer (`tools/head_diversity.py`, Fig. 6).
+and measured with the project's own code: fine-tuning top-1 (`main_finetune.py`, one fixed budget for every variant:
+the paper's metric, Tabs. 7, 8, 10), a converged logistic-regression probe and a k-NN classifier of every block's
+frozen features (`analysis.probes`, Figs. 5-7), the last decoder's validation reconstruction loss with fixed masks
+(`tools/eval_recon_loss.py`, Fig. 3), CKA of every block with the last (`tools/cka.py`, Fig. 4) and attention-head
+similarity per layer (`tools/head_diversity.py`, Fig. 6). A random initialisation of the same encoder (fine-tuned
+from scratch, probed frozen) and the raw pixels are the references. Every claim is a paired per-seed difference
+with a 95 % t-interval over seeds.
 
-    python benchmarks/small_scale_study.py --output_dir study_out --seeds 0 1 2 --jobs 2 --docs_dir docs
-    python benchmarks/small_scale_study.py --output_dir /tmp/smoke --smoke        # the test's few-second version
+    python benchmarks/small_scale_study.py --output_dir study_out --docs_dir docs     # --preset cpu: <= 30 min
+    python benchmarks/small_scale_study.py --output_dir study_gpu --preset gpu         # one GPU, ~10x the updates
+    python benchmarks/small_scale_study.py --output_dir /tmp/smoke --preset smoke     # the test's seconds version
 
-Writes `<output_dir>/study.json` (every number, the machine, the timings), `<output_dir>/figures/*.png` (with the
-plotted numbers as JSON beside each) and `<output_dir>/table.md`; `--docs_dir` also copies the JSON and the PNGs
-to `<docs_dir>/small_scale_study.json` and `<docs_dir>/figures/`. Every run keeps its own folder
-(`runs/<variant>/seed<S>/`, `probes/<variant>/seed<S>/block<K>/`, `analysis/seed<S>/<tool>/`) with the scripts'
-usual logs and the pre-training checkpoints (the probes' checkpoints are dropped), and `study_result.json`, which
-`--reuse` uses to resume an interrupted study.
+Writes `<output_dir>/study.json` (every number, the machine, the load, the timings), `<output_dir>/figures/*.png`
+(with the plotted numbers as JSON beside each) and `<output_dir>/table.md`; `--docs_dir` also copies the JSON and the
+PNGs to `<docs_dir>/small_scale_study.json` and `<docs_dir>/figures/`. Every run keeps its own folder (`runs/`,
+`finetune/`, `frozen_probes/`, `analysis/`) with the scripts' usual logs, the pre-training checkpoints and
+`study_result.json`, which `--reuse` uses to resume an interrupted study.
 
-The budget (`FULL`) was fixed once from measured step times to fit about 25 minutes of an idle 2-core CPU (two runs
-at a time, one thread each); it was not tuned to make any claim hold (docs/small_scale_study.md says how each
-number was chosen).
+The budgets (`study_setup.PRESETS`) were fixed from measured step times and from pilots on the demo checkpoint
+(`benchmarks/study_pilot.py`), before any study model existed; none was tuned to make a claim hold.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 from study_report import markdown_tables, plot_figures, summarize  # noqa: E402
 from study_runs import MAX_DEFAULT_JOBS, Scheduler, Study, default_threads, make_executor  # noqa: E402
-from study_setup import FULL, SMOKE, VARIANTS, export_digits  # noqa: E402
+from study_setup import PRESETS, TASKS, VARIANTS, export_task  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------------------
 # Machine, command line, main
@@ -81,15 +84,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("DeepMIM small-scale study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, type=str, help="data, runs, figures, study.json, table.md")
+    parser.add_argument("--preset", default="cpu", choices=tuple(PRESETS),
+                        help="budget: cpu (<= 30 min of an idle 2-core CPU), gpu (one GPU, ~10x the updates, a wider "
+                             "ViT), smoke (seconds: the test's)")
+    parser.add_argument("--task", default=None, choices=TASKS, help="default: the preset's (photo_crops)")
     parser.add_argument("--seeds", default=None, type=int, nargs="+",
-                        help="pre-training and probe seeds, each a full repeat (default: 0 1 2; 0 with --smoke)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="seconds: narrow model, a handful of steps, one probe epoch, 6 images per class and split")
+                        help="pre-training and fine-tuning seeds, each a full repeat (default: 0 1 2 3 4; 0 with "
+                             "--preset smoke)")
     parser.add_argument("--jobs", default=None, type=int,
                         help="runs in parallel, each in its own process (default: the cores, at most 8; 1 with "
-                             "--smoke); 1: every run in this process")
+                             "--preset smoke); 1: every run in this process")
     parser.add_argument("--threads", default=None, type=int,
-                        help="torch threads per run (default: cores / jobs; 1 with --smoke)")
+                        help="torch threads per run (default: cores / jobs; 1 with --preset smoke)")
     parser.add_argument("--reuse", action="store_true",
                         help="skip runs whose folder holds the result of the identical command (resume a study)")
     parser.add_argument("--docs_dir", default=None, type=str,
@@ -100,7 +106,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     """Raise ValueError naming the flag before any compute."""
     if args.seeds is None:
-        args.seeds = [0] if args.smoke else [0, 1, 2]
+        args.seeds = [0] if args.preset == "smoke" else [0, 1, 2, 3, 4]
     if len(set(args.seeds)) != len(args.seeds) or any(s < 0 for s in args.seeds):
         raise ValueError(f"--seeds must be distinct non-negative integers, got {args.seeds}")
     if args.jobs is not None and args.jobs < 1:
@@ -121,12 +127,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     check_args(args)
     start, started_at = time.time(), datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     load_start = os.getloadavg()
-    budget = SMOKE if args.smoke else FULL
+    budget = PRESETS[args.preset]
+    if args.task is not None:
+        budget = dataclasses.replace(budget, task=args.task, per_class=None if args.task == "digits" and
+                                     args.preset != "smoke" else budget.per_class)
     output_dir = Path(args.output_dir)
     data_dir = output_dir / "data"
-    data = export_digits(data_dir, budget.input_size, budget.per_class)
-    jobs = args.jobs or (1 if args.smoke else min(os.cpu_count() or 1, MAX_DEFAULT_JOBS))
-    threads = args.threads or default_threads(jobs, args.smoke)
+    data = export_task(data_dir, budget)
+    smoke = args.preset == "smoke"
+    jobs = args.jobs or (1 if smoke else min(os.cpu_count() or 1, MAX_DEFAULT_JOBS))
+    threads = args.threads or default_threads(jobs, smoke)
     executor = make_executor(jobs, threads)
     study = Study(output_dir, budget, args.seeds, Scheduler(executor, args.reuse), data_dir, data["images"]["val"])
     torch_threads = torch.get_num_threads()
@@ -138,15 +148,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         executor.shutdown(cancel_futures=True)
         torch.set_num_threads(torch_threads)
-    summary = summarize(study.runs, budget.depth)
+    summary = summarize(study.runs, budget.depth, study.raw_pixels)
     result = {
         "command": "python benchmarks/small_scale_study.py " + " ".join(sys.argv[1:]) if __name__ == "__main__"
         else None,
         "started": started_at, "seconds": time.time() - start, "load_average_start": load_start,
         "load_average_end": os.getloadavg(), "machine": machine_info(), "jobs": jobs, "threads": threads,
-        "seeds": args.seeds, "smoke": args.smoke, "budget": dataclasses.asdict(budget),
+        "seeds": args.seeds, "preset": args.preset, "smoke": smoke, "budget": dataclasses.asdict(budget),
         "variants": {k: v._asdict() for k, v in VARIANTS.items()}, "data": data, **summary,
         "runs": {v: {str(s): run for s, run in by_seed.items()} for v, by_seed in study.runs.items()},
+        "raw_pixel_probe": study.raw_pixels,
     }
     (output_dir / "study.json").write_text(json.dumps(result, indent=1, default=float))
     figures = plot_figures(summary, output_dir / "figures", len(args.seeds))

@@ -41,7 +41,7 @@ def pretrain_argv(variant: str, seed: int, budget: Budget, data: Path, output_di
         "--decoder_num_heads", str(budget.decoder_num_heads), "--norm_pix_loss",
         "--batch_size", str(budget.batch_size), "--epochs", str(budget.epochs),
         "--warmup_epochs", str(budget.warmup_epochs), "--blr", str(budget.blr), "--seed", str(seed),
-        "--num_workers", "0", "--device", "cpu", "--print_freq", "20", "--save_freq", str(budget.epochs),
+        "--num_workers", "0", "--device", budget.device, "--print_freq", "20", "--save_freq", str(budget.epochs),
         "--vis_freq", "0", *v.flags,
     ]
     if v.uses_generator:
@@ -51,15 +51,22 @@ def pretrain_argv(variant: str, seed: int, budget: Budget, data: Path, output_di
     return argv
 
 
-def probe_argv(checkpoint: Path, block: int, seed: int, budget: Budget, data: Path, output_dir: Path) -> list[str]:
-    """main_linprobe.py flags: probe block `block` of a frozen pre-trained encoder."""
-    return [
-        "--finetune", str(checkpoint), "--probe_block", str(block), "--data_path", str(data), "--nb_classes", "10",
-        "--output_dir", str(output_dir), "--log_dir", "", "--epochs", str(budget.probe_epochs),
-        "--batch_size", str(budget.probe_batch_size), "--lr", str(budget.probe_lr),
-        "--warmup_epochs", str(budget.probe_warmup_epochs), "--seed", str(seed), "--num_workers", "0",
-        "--device", "cpu", "--print_freq", "1000", "--save_freq", str(budget.probe_epochs),
+def finetune_argv(checkpoint: Path | None, seed: int, budget: Budget, data: Path, output_dir: Path) -> list[str]:
+    """main_finetune.py flags: the study's fixed budget (`Budget.finetune_*`, main_finetune.py --demo's: no
+    augmentation, MAE's other defaults), from `checkpoint`'s encoder or, with None, from a random initialisation of
+    the same architecture."""
+    argv = [
+        "--data_path", str(data), "--output_dir", str(output_dir), "--log_dir", "",
+        "--epochs", str(budget.finetune_epochs), "--batch_size", str(budget.finetune_batch_size),
+        "--blr", str(budget.finetune_blr), "--warmup_epochs", str(budget.finetune_warmup_epochs), "--no_aug",
+        "--seed", str(seed), "--num_workers", "0", "--device", budget.device, "--print_freq", "1000",
+        "--save_freq", str(budget.finetune_epochs),
     ]
+    if checkpoint is not None:
+        return ["--finetune", str(checkpoint), *argv]
+    return ["--model", "vit_small_patch16", "--input_size", str(budget.input_size), "--patch_size",
+            str(budget.patch_size), "--embed_dim", str(budget.embed_dim), "--depth", str(budget.depth),
+            "--num_heads", str(budget.num_heads), *argv]
 
 
 def tool_argv(checkpoints: Mapping[str, Path], budget: Budget, data: Path, output_dir: Path,
@@ -68,7 +75,7 @@ def tool_argv(checkpoints: Mapping[str, Path], budget: Budget, data: Path, outpu
     return [
         "--ckpt", *[str(p) for p in checkpoints.values()], "--names", *checkpoints, "--data_path", str(data),
         "--num_images", str(num_images), "--batch_size", str(budget.analysis_batch_size), "--num_workers", "0",
-        "--seed", "0", "--device", "cpu", "--output_dir", str(output_dir),
+        "--seed", "0", "--device", budget.device, "--output_dir", str(output_dir),
     ]
 
 
@@ -88,20 +95,62 @@ def run_pretrain(argv: list[str]) -> dict[str, Any]:
             "checkpoint": str(Path(args.output_dir) / "checkpoint-last.pth")}
 
 
-def run_probe(argv: list[str]) -> dict[str, Any]:
-    """main_linprobe.py with `argv`; returns the last epoch's validation stats (acc1, acc5, loss, n, best_acc1)."""
-    import main_linprobe
+def run_finetune(argv: list[str]) -> dict[str, Any]:
+    """main_finetune.py with `argv`; returns the last epoch's validation stats (acc1, acc5, loss, n, best_acc1). The
+    fine-tuned checkpoints are dropped (its log.txt and args.json stay): nothing reads them."""
+    import main_finetune
 
     start, cpu = time.time(), time.process_time()
-    parser = argparse.ArgumentParser("linear probe", parents=[main_linprobe.get_args_parser()])
+    parser = argparse.ArgumentParser("fine-tuning", parents=[main_finetune.get_args_parser()])
     args = parser.parse_args(argv)
-    stats = main_linprobe.main(args)
-    # The probe's checkpoints are copies of the frozen encoder plus a 1,290-parameter head: drop them (its log.txt
-    # and args.json stay), or 72 probes would fill a gigabyte.
+    stats = main_finetune.main(args)
     for path in Path(args.output_dir).glob("checkpoint-*.pth"):
         path.unlink()
     return {"stats": {k: float(v) for k, v in stats.items()}, "seconds": time.time() - start,
             "cpu_seconds": time.process_time() - cpu}
+
+
+def _feature_batches(data: Path, split: str, input_size: int, batch_size: int):
+    from torch.utils.data import DataLoader
+
+    from util.cls_data import build_image_folder, eval_transform
+
+    return DataLoader(build_image_folder(data, split, eval_transform(input_size)), batch_size=batch_size)
+
+
+def raw_pixel_features(data: Path, split: str, input_size: int, batch_size: int):
+    """Every image of data/split flattened (the evaluation view, ImageNet-normalised): ([(N, 3*H*W)], labels)."""
+    feats, labels = [], []
+    for imgs, targets in _feature_batches(data, split, input_size, batch_size):
+        feats.append(imgs.flatten(1))
+        labels.append(targets)
+    return [torch.cat(feats).numpy()], torch.cat(labels).numpy()
+
+
+def run_frozen_probes(checkpoint: str | None, seed: int, data: str, input_size: int, batch_size: int,
+                      device: str, random_init_of: str | None = None) -> dict[str, Any]:
+    """Converged logistic-regression probe and k-NN (analysis.probes) of every block of a frozen encoder: the
+    pre-trained `checkpoint`, or with `random_init_of` the architecture of that checkpoint freshly initialised with
+    torch seed `seed`; with neither, the raw pixels (one "block"). Returns {"blocks": [...], "seconds", ...}."""
+    from analysis.loading import load_model, read_checkpoint
+    from analysis.probes import block_features, probe_blocks
+    from models_deepmim import model_from_config
+
+    start, cpu = time.time(), time.process_time()
+    data_path = Path(data)
+    if checkpoint is None and random_init_of is None:
+        train = raw_pixel_features(data_path, "train", input_size, batch_size)
+        val = raw_pixel_features(data_path, "val", input_size, batch_size)
+    else:
+        if random_init_of is not None:
+            torch.manual_seed(seed)
+            model = model_from_config(read_checkpoint(random_init_of)["model_cfg"]).to(device).eval()
+        else:
+            model = load_model(checkpoint, device=device)[0]
+        train = block_features(model, _feature_batches(data_path, "train", input_size, batch_size), device)
+        val = block_features(model, _feature_batches(data_path, "val", input_size, batch_size), device)
+    blocks = probe_blocks(train, val, seed=seed)
+    return {"blocks": blocks, "seconds": time.time() - start, "cpu_seconds": time.process_time() - cpu}
 
 
 def load_tool(name: str):
@@ -195,25 +244,53 @@ class Scheduler:
 # --------------------------------------------------------------------------------------------------------------
 
 
+RANDOM_INIT = "random_init"  # reference: the study's architecture, not pre-trained (fine-tuned from scratch)
+
+
 class Study:
-    """Schedules every run of one study and collects its raw numbers in `self.runs[variant][seed]`."""
+    """Schedules every run of one study and collects its raw numbers in `self.runs[variant][seed]` (the variants of
+    VARIANTS and RANDOM_INIT) and `self.raw_pixels` (the probes of the images themselves)."""
 
     def __init__(self, output_dir: Path, budget: Budget, seeds: Sequence[int], scheduler: Scheduler,
                  data: Path, num_val: int):
         self.out, self.budget, self.seeds, self.sched, self.data = output_dir, budget, list(seeds), scheduler, data
         self.num_val = num_val
-        self.runs: dict[str, dict[int, dict[str, Any]]] = {v: {s: {"probe": {}} for s in seeds} for v in VARIANTS}
+        self.runs: dict[str, dict[int, dict[str, Any]]] = {v: {s: {} for s in seeds} for v in (*VARIANTS, RANDOM_INIT)}
+        self.raw_pixels: dict[str, Any] = {}
 
     def start(self) -> None:
         # MAE first: every DeepMIM+ run waits for the MAE of its seed.
         for variant in ("mae", "deepmim", "deepmim_shared"):
             for seed in self.seeds:
                 self.submit_pretrain(variant, seed)
+        for seed in self.seeds:
+            self.submit_finetune(RANDOM_INIT, seed, None)
+        self.submit_probes("raw_pixels", self.seeds[0], None, lambda r: setattr(self, "raw_pixels", r))
+
+    def probe_args(self, checkpoint: Path | None, seed: int, random_init_of: Path | None = None) -> tuple:
+        b = self.budget
+        return (None if checkpoint is None else str(checkpoint), seed, str(self.data), b.input_size,
+                b.analysis_batch_size, b.device, None if random_init_of is None else str(random_init_of))
+
+    def submit_probes(self, name: str, seed: int, checkpoint: Path | None, on_done,
+                      random_init_of: Path | None = None) -> None:
+        out = self.out / "frozen_probes" / name / f"seed{seed}"
+        self.sched.submit(Task(run_frozen_probes, self.probe_args(checkpoint, seed, random_init_of), out), on_done)
 
     def submit_pretrain(self, variant: str, seed: int, generator: Path | None = None) -> None:
         out = self.out / "runs" / variant / f"seed{seed}"
         argv = pretrain_argv(variant, seed, self.budget, self.data, out, generator)
         self.sched.submit(Task(run_pretrain, (argv,), out), lambda r: self.pretrained(variant, seed, r))
+
+    def submit_finetune(self, variant: str, seed: int, checkpoint: Path | None) -> None:
+        out = self.out / "finetune" / variant / f"seed{seed}"
+        argv = finetune_argv(checkpoint, seed, self.budget, self.data, out)
+        self.sched.submit(Task(run_finetune, (argv,), out), lambda r: self.record(variant, seed, "finetune", r))
+
+    def record(self, variant: str, seed: int, key: str, result: dict[str, Any]) -> None:
+        if key == "finetune":
+            logger.info("fine-tuned %s seed %d: top-1 %.2f %%", variant, seed, result["stats"]["acc1"])
+        self.runs[variant][seed][key] = result
 
     def pretrained(self, variant: str, seed: int, result: dict[str, Any]) -> None:
         logger.info("pre-trained %s seed %d in %.0f s", variant, seed, result["seconds"])
@@ -221,16 +298,12 @@ class Study:
         checkpoint = Path(result["checkpoint"])
         if variant == "mae":
             self.submit_pretrain("deepmim_hybrid", seed, generator=checkpoint)
-        for block in range(1, self.budget.depth + 1):
-            out = self.out / "probes" / variant / f"seed{seed}" / f"block{block}"
-            argv = probe_argv(checkpoint, block, seed, self.budget, self.data, out)
-            self.sched.submit(Task(run_probe, (argv,), out), lambda r, b=block: self.probed(variant, seed, b, r))
+            self.submit_probes(RANDOM_INIT, seed, None, lambda r: self.record(RANDOM_INIT, seed, "frozen_probes", r),
+                               random_init_of=checkpoint)
+        self.submit_finetune(variant, seed, checkpoint)
+        self.submit_probes(variant, seed, checkpoint, lambda r: self.record(variant, seed, "frozen_probes", r))
         if all("pretrain" in self.runs[v][seed] for v in VARIANTS):
             self.submit_analysis(seed)
-
-    def probed(self, variant: str, seed: int, block: int, result: dict[str, Any]) -> None:
-        logger.info("probe %s seed %d block %d: top-1 %.2f %%", variant, seed, block, result["stats"]["acc1"])
-        self.runs[variant][seed]["probe"][block] = result
 
     def submit_analysis(self, seed: int) -> None:
         checkpoints = {v: Path(self.runs[v][seed]["pretrain"]["checkpoint"]) for v in VARIANTS}

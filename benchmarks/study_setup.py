@@ -1,5 +1,7 @@
 """The small-scale study's setup (benchmarks/small_scale_study.py): the variants compared, the budget shared by
-every variant and seed (`FULL`, and `SMOKE` for the test), and the digits written once as an ImageFolder."""
+every variant and seed (`PRESETS`: cpu, gpu, and smoke for the test), and the two tasks, each written once as an
+ImageFolder: scikit-learn's digits, and crops of scikit-image's eight colour photographs labelled by the photograph
+they come from."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import json
 import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from PIL import Image
 
 # --------------------------------------------------------------------------------------------------------------
 # What is compared, and with which budget
@@ -29,11 +33,25 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
+CROP_SCALE = (0.05, 0.3)  # area of a crop task's crops, as a fraction of the source image
+# The crop tasks' sources: scikit-image's sample images that ship with the package (no download). Note that
+# skimage.data.cat() is the same photograph as chelsea() (util.datasets.DEMO_PHOTOS holds both).
+CROP_SOURCES: dict[str, tuple[tuple[str, ...], bool]] = {  # task -> (skimage.data names, convert to grayscale)
+    "photo_crops": (("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
+                     "colorwheel", "retina"), False),
+    "gray_crops": (("astronaut", "camera", "chelsea", "coffee", "coins", "moon", "page", "brick", "grass", "gravel"),
+                   True),
+}
+TASKS = (*CROP_SOURCES, "digits")
+
+
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """Model size and compute of one study; identical for every variant and seed."""
+    """Task, model size and compute of one study; identical for every variant and seed."""
 
-    input_size: int = 32  # digits upsampled from 8x8
+    task: str = "gray_crops"  # see TASKS; chosen by benchmarks/study_pilot.py task (docs/small_scale_study.md)
+    per_class: int | None = 96  # images per class and split (digits: None = all 1,797)
+    input_size: int = 32
     patch_size: int = 4  # 8x8 = 64 patches
     embed_dim: int = 128
     depth: int = 6  # DeepMIM taps depth*{1/2, 2/3, 5/6, 1} = blocks 3 4 5 6
@@ -44,27 +62,94 @@ class Budget:
     mae_decoder_depth: int = 2
     deepmim_decoder_depth: int = 1
     batch_size: int = 32  # main_pretrain.py --demo's batch, blr and warm-up
-    epochs: int = 12
-    warmup_epochs: int = 2
+    epochs: int = 8
+    warmup_epochs: int = 1
     blr: float = 5e-3
-    probe_epochs: int = 5
-    probe_batch_size: int = 32
-    probe_lr: float = 160.0  # LARS absolute lr; chosen on the demo checkpoint, not on a study model (see the doc)
-    probe_warmup_epochs: int = 1
-    per_class: int | None = None  # images per class and split (None: all 1,797)
+    # Fine-tuning: main_finetune.py --demo's budget (DEMO_OVERRIDES), fixed before any study model existed.
+    finetune_epochs: int = 3
+    finetune_batch_size: int = 64
+    finetune_blr: float = 1.6e-2
+    finetune_warmup_epochs: int = 1
     analysis_batch_size: int = 128
+    device: str = "cpu"
 
 
-FULL = Budget()
-# A few seconds: a narrow model, a handful of steps, one probe epoch, 6 images per class and split.
-SMOKE = Budget(embed_dim=32, num_heads=2, decoder_embed_dim=16, decoder_num_heads=2, batch_size=20, epochs=1,
-               warmup_epochs=0, probe_epochs=1, probe_batch_size=20, probe_warmup_epochs=0, per_class=6,
-               analysis_batch_size=10)
+PRESETS: dict[str, Budget] = {
+    "cpu": Budget(),
+    # One GPU, under 10 minutes (estimated, not yet measured: no GPU was available): the same task and study with
+    # 10x the pre-training and fine-tuning updates, a 3x wider encoder (384, 6 heads) and a 2x wider decoder.
+    "gpu": Budget(embed_dim=384, num_heads=6, decoder_embed_dim=128, epochs=80, warmup_epochs=8, finetune_epochs=30,
+                  finetune_warmup_epochs=3, analysis_batch_size=256, device="cuda"),
+    # A few seconds, for the test: a narrow model, a handful of steps, 6 images per class and split.
+    "smoke": Budget(per_class=6, embed_dim=32, num_heads=2, decoder_embed_dim=16, decoder_num_heads=2, batch_size=20,
+                    epochs=1, warmup_epochs=0, finetune_epochs=1, finetune_batch_size=20, finetune_warmup_epochs=0,
+                    analysis_batch_size=10),
+}
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Data: the digits as an ImageFolder, written once
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _reuse_or_clear(root: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The description of a folder written with the same settings (`root/task.json`), or None after removing it."""
+    info_path = root / "task.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info.get("settings") == settings:
+            return info
+    if root.exists():
+        shutil.rmtree(root)
+    return None
+
+
+def source_images(task: str) -> list[Image.Image]:
+    """The crop task's source images as RGB PIL images (grayscale ones replicated to three channels)."""
+    import numpy as np
+    import skimage.data
+
+    names, gray = CROP_SOURCES[task]
+    images = []
+    for name in names:
+        array = np.asarray(getattr(skimage.data, name)())
+        image = Image.fromarray(array[..., :3] if array.ndim == 3 else array)
+        images.append(image.convert("L").convert("RGB") if gray else image.convert("RGB"))
+    return images
+
+
+def export_crops(root: Path, task: str, input_size: int, per_class: int, seed: int = 0) -> dict[str, Any]:
+    """Write `root/{train,val}/<source>/<index>.png`: `per_class` random crops per split of each source image of
+    `task` (CROP_SOURCES), label = the image a crop comes from.
+
+    Each crop is a RandomResizedCrop of the whole image (area 5-30 %, aspect 3/4-4/3) resized to input_size,
+    flipped with probability 1/2, drawn from torch's generator seeded by `seed` and the split: val crops are new
+    draws, so they can overlap regions that train crops cover (the task asks which image a view at a new position
+    and scale comes from, not about unseen images). Reuses a folder written with the same settings."""
+    import torch
+    from torchvision.transforms import v2
+
+    settings = {"task": task, "sources": list(CROP_SOURCES[task][0]), "gray": CROP_SOURCES[task][1],
+                "input_size": input_size, "per_class": per_class, "seed": seed, "scale": list(CROP_SCALE)}
+    info = _reuse_or_clear(root, settings)
+    if info is not None:
+        return info
+    crop = v2.Compose([v2.RandomResizedCrop(input_size, scale=CROP_SCALE, antialias=True),
+                       v2.RandomHorizontalFlip()])
+    names = CROP_SOURCES[task][0]
+    images = source_images(task)
+    for split_index, split in enumerate(("train", "val")):
+        torch.manual_seed(seed * 1000 + split_index)  # torchvision's random transforms draw from torch's generator
+        for name, image in zip(names, images):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                crop(image).save(folder / f"{i:04d}.png")
+    counts = {split: {name: per_class for name in names} for split in ("train", "val")}
+    info = {"settings": settings, "source": "skimage.data sample images (shipped with scikit-image)",
+            "classes": list(names), "images_per_class": counts, "images": {s: per_class * len(names) for s in counts}}
+    (root / "task.json").write_text(json.dumps(info, indent=1))
+    return info
 
 
 def export_digits(root: Path, input_size: int, per_class: int | None = None) -> dict[str, Any]:
@@ -73,15 +158,11 @@ def export_digits(root: Path, input_size: int, per_class: int | None = None) -> 
     settings (`root/digits.json`); returns its description (images per class and split)."""
     from util.cls_data import DIGITS_SPLIT_SEED, DIGITS_VAL_FRACTION, SPLITS, DigitsDemo
 
-    info_path = root / "digits.json"
-    settings = {"input_size": input_size, "per_class": per_class, "split_seed": DIGITS_SPLIT_SEED,
+    settings = {"task": "digits", "input_size": input_size, "per_class": per_class, "split_seed": DIGITS_SPLIT_SEED,
                 "val_fraction": DIGITS_VAL_FRACTION}
-    if info_path.is_file():
-        info = json.loads(info_path.read_text())
-        if info.get("settings") == settings:
-            return info
-    if root.exists():
-        shutil.rmtree(root)
+    info = _reuse_or_clear(root, settings)
+    if info is not None:
+        return info
     counts: dict[str, dict[str, int]] = {}
     for split in SPLITS:
         digits = DigitsDemo(split, input_size)
@@ -96,5 +177,14 @@ def export_digits(root: Path, input_size: int, per_class: int | None = None) -> 
             counts[split][name] = counts[split].get(name, 0) + 1
     info = {"settings": settings, "source": "sklearn.datasets.load_digits via util.cls_data.DigitsDemo",
             "images_per_class": counts, "images": {s: sum(c.values()) for s, c in counts.items()}}
-    info_path.write_text(json.dumps(info, indent=1))
+    (root / "task.json").write_text(json.dumps(info, indent=1))
     return info
+
+
+def export_task(root: Path, budget: Budget) -> dict[str, Any]:
+    """The budget's task as an ImageFolder under `root` (written once; see export_photo_crops, export_digits)."""
+    if budget.task in CROP_SOURCES:
+        return export_crops(root, budget.task, budget.input_size, budget.per_class)
+    if budget.task == "digits":
+        return export_digits(root, budget.input_size, budget.per_class)
+    raise ValueError(f"task must be one of {', '.join(TASKS)}, got {budget.task!r}")
