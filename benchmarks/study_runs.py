@@ -309,7 +309,8 @@ class Study:
         checkpoints = {v: Path(self.runs[v][seed]["pretrain"]["checkpoint"]) for v in VARIANTS}
         for tool in ("eval_recon_loss", "cka", "head_diversity"):
             out = self.out / "analysis" / f"seed{seed}" / tool
-            argv = tool_argv(checkpoints, self.budget, self.data, out, self.num_val)
+            images = min(self.num_val, self.budget.analysis_images or self.num_val)
+            argv = tool_argv(checkpoints, self.budget, self.data, out, images)
             self.sched.submit(Task(run_tool, (tool, argv), out), lambda r, t=tool: self.analysed(seed, t, r))
 
     def analysed(self, seed: int, tool: str, result: dict[str, Any]) -> None:

@@ -173,6 +173,24 @@ def test_claim_verdicts_follow_the_interval():
     assert run([1.0, 1.0], [0.9, 0.8])["verdict"] == "not resolved"
 
 
+def test_gpu_preset_is_the_cpu_study_with_ten_times_the_updates_on_cuda():
+    import study_runs
+
+    cpu, gpu = study.PRESETS["cpu"], study.PRESETS["gpu"]
+    assert (gpu.task, gpu.per_class, gpu.batch_size, gpu.finetune_batch_size) == \
+        (cpu.task, cpu.per_class, cpu.batch_size, cpu.finetune_batch_size)
+    assert gpu.epochs == 10 * cpu.epochs and gpu.finetune_epochs == 10 * cpu.finetune_epochs
+    assert gpu.embed_dim > cpu.embed_dim and gpu.depth == cpu.depth  # wider; DeepMIM still taps blocks 3 4 5 6
+    data, out = Path("data"), Path("out")
+    argvs = [study_runs.pretrain_argv("deepmim", 0, gpu, data, out),
+             study_runs.finetune_argv(None, 0, gpu, data, out), study_runs.finetune_argv(out, 0, gpu, data, out),
+             study_runs.tool_argv({"mae": out}, gpu, data, out, 10)]
+    for argv in argvs:  # every script of the study runs on the GPU, decided by the preset
+        assert argv[argv.index("--device") + 1] == "cuda"
+    probe = study_runs.Study(out, gpu, [0], study_runs.Scheduler(study_runs.InlineExecutor(), False), data, 10)
+    assert probe.probe_args(out, 0)[5] == "cuda"
+
+
 @pytest.mark.parametrize("argv, flag", [(["--jobs", "0"], "--jobs"), (["--seeds", "1", "1"], "--seeds"),
                                         (["--threads", "0"], "--threads")])
 def test_bad_flags_fail_before_any_work(tmp_path, argv, flag):
