@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """The paper's findings at small scale on real images, end to end (issues 8 and 17).
 
-Task (`--task`, default photo_crops; docs/small_scale_study.md says why): which of scikit-image's eight colour
-photographs a random 32x32 crop (5-30 % of the photograph's area, random aspect and flip) comes from, 160 crops per
-photograph and split; or scikit-learn's 1,797 handwritten digits upsampled to 32x32 (`util.cls_data.DigitsDemo`'s
-split). Either is written once as an ImageFolder (`<output_dir>/data/{train,val}/<class>/*.png`), so pre-training,
+Task (`--task`, default gray_crops; docs/small_scale_study.md says why): which of ten of scikit-image's sample
+images (7 photographs, 3 textures, converted to gray) a random 32x32 crop (5-30 % of the image's area, random aspect
+and flip) comes from, 96 crops per image and split (`study_setup.CROP_SOURCES`; photo_crops: eight colour
+photographs); or scikit-learn's 1,797 handwritten digits upsampled to 32x32 (`util.cls_data.DigitsDemo`'s split).
+Either is written once as an ImageFolder (`<output_dir>/data/{train,val}/<class>/*.png`), so pre-training,
 fine-tuning and the analysis tools all read files through their own pipelines.
 
 Per seed, four tiny ViTs (32 px, patch 4, 6 blocks of width 128, 4 heads with --preset cpu) are pre-trained with
@@ -62,7 +63,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 from study_report import markdown_tables, plot_figures, summarize  # noqa: E402
 from study_runs import MAX_DEFAULT_JOBS, Scheduler, Study, default_threads, make_executor  # noqa: E402
-from study_setup import PRESETS, TASKS, VARIANTS, export_task  # noqa: E402
+from study_setup import PRESETS, TASKS, VARIANTS, budget_for, export_task  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------------------
 # Machine, command line, main
@@ -87,7 +88,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default="cpu", choices=tuple(PRESETS),
                         help="budget: cpu (<= 30 min of an idle 2-core CPU), gpu (one GPU, ~10x the updates, a wider "
                              "ViT), smoke (seconds: the test's)")
-    parser.add_argument("--task", default=None, choices=TASKS, help="default: the preset's (photo_crops)")
+    parser.add_argument("--task", default=None, choices=TASKS, help="default: the preset's (gray_crops)")
     parser.add_argument("--seeds", default=None, type=int, nargs="+",
                         help="pre-training and fine-tuning seeds, each a full repeat (default: 0 1 2 3 4; 0 with "
                              "--preset smoke)")
@@ -127,10 +128,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     check_args(args)
     start, started_at = time.time(), datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     load_start = os.getloadavg()
-    budget = PRESETS[args.preset]
-    if args.task is not None:
-        budget = dataclasses.replace(budget, task=args.task, per_class=None if args.task == "digits" and
-                                     args.preset != "smoke" else budget.per_class)
+    budget = budget_for(args.preset, args.task)
     output_dir = Path(args.output_dir)
     data_dir = output_dir / "data"
     data = export_task(data_dir, budget)
@@ -158,6 +156,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "variants": {k: v._asdict() for k, v in VARIANTS.items()}, "data": data, **summary,
         "runs": {v: {str(s): run for s, run in by_seed.items()} for v, by_seed in study.runs.items()},
         "raw_pixel_probe": study.raw_pixels,
+        "analysis_time": {str(seed): tools for seed, tools in study.analysis_time.items()},
     }
     (output_dir / "study.json").write_text(json.dumps(result, indent=1, default=float))
     figures = plot_figures(summary, output_dir / "figures", len(args.seeds))

@@ -30,7 +30,7 @@ import json  # noqa: E402
 
 import torch  # noqa: E402
 from study_runs import finetune_argv, pretrain_argv, run_finetune, run_frozen_probes, run_pretrain  # noqa: E402
-from study_setup import PRESETS, TASKS, export_task  # noqa: E402
+from study_setup import PRESETS, TASKS, budget_for, export_task  # noqa: E402
 
 from util.cls_run import DEMO_PRETRAIN_CHECKPOINT  # noqa: E402
 
@@ -38,8 +38,7 @@ from util.cls_run import DEMO_PRETRAIN_CHECKPOINT  # noqa: E402
 def pilot_task(out: Path, preset: str, tasks: list[str]) -> dict:
     results = {}
     for task in tasks:
-        budget = dataclasses.replace(PRESETS[preset], task=task, per_class=None if task == "digits"
-                                     else PRESETS[preset].per_class)
+        budget = budget_for(preset, task)
         data = out / "data" / task
         export_task(data, budget)
         ckpt = run_pretrain(pretrain_argv("mae", 0, budget, data, out / "mae" / task))["checkpoint"]
@@ -59,7 +58,7 @@ def pilot_task(out: Path, preset: str, tasks: list[str]) -> dict:
 
 
 def pilot_finetune(out: Path, preset: str, task: str, epochs: list[int]) -> dict:
-    budget = dataclasses.replace(PRESETS[preset], task=task)
+    budget = budget_for(preset, task)
     data = out / "data" / task
     export_task(data, budget)
     results = {}

@@ -42,7 +42,7 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values))
 
 
-def scalar_metrics(run: Mapping[str, Any], depth: int) -> dict[str, float]:
+def scalar_metrics(run: Mapping[str, Any]) -> dict[str, float]:
     """One run's headline numbers (those it has: the random-init reference has no decoders to analyse)."""
     out: dict[str, float] = {}
     if "finetune" in run:
@@ -132,7 +132,7 @@ def evaluate_claim(claim: Claim, metrics: Mapping[str, Mapping[int, Mapping[str,
 
 def summarize(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], depth: int,
               raw_pixels: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    metrics = {v: {s: scalar_metrics(run, depth) for s, run in by_seed.items()} for v, by_seed in runs.items()}
+    metrics = {v: {s: scalar_metrics(run) for s, run in by_seed.items()} for v, by_seed in runs.items()}
     scalars = {v: {k: mean_std([m[k] for m in by_seed.values()]) for k in next(iter(by_seed.values()))}
                for v, by_seed in metrics.items()}
     raw = None
@@ -274,9 +274,10 @@ def markdown_tables(summary: Mapping[str, Any], depth: int) -> str:
     for variant, label in LABELS.items():
         lines.append(f"| {label} | " + " | ".join(_fmt(s[variant].get(k), d) for k, _, d in HEADLINE) + " |")
     raw = summary.get("raw_pixels")
-    if raw:
-        lines.append(f"| raw pixels | \u2013 | {raw['probe_acc1']:.1f} | \u2013 | {raw['knn_acc1']:.1f} | \u2013 | "
-                     "\u2013 | \u2013 |")
+    if raw:  # one "block": its probe and k-NN fill the last-block columns
+        values = {"probe_last": raw["probe_acc1"], "knn_last": raw["knn_acc1"]}
+        lines.append("| raw pixels | " + " | ".join(f"{values[k]:.{d}f}" if k in values else "\u2013"
+                                                     for k, _, d in HEADLINE) + " |")
     for key, what in (("probe_acc1", "Converged probe"), ("knn_acc1", "k-NN")):
         lines += ["", f"{what} top-1 (%) of every block:", "",
                   "| variant | " + " | ".join(f"block {b}" for b in range(1, depth + 1)) + " |",

@@ -249,7 +249,8 @@ RANDOM_INIT = "random_init"  # reference: the study's architecture, not pre-trai
 
 class Study:
     """Schedules every run of one study and collects its raw numbers in `self.runs[variant][seed]` (the variants of
-    VARIANTS and RANDOM_INIT) and `self.raw_pixels` (the probes of the images themselves)."""
+    VARIANTS and RANDOM_INIT), `self.raw_pixels` (the probes of the images themselves) and the analysis tools' times
+    in `self.analysis_time[seed][tool]`."""
 
     def __init__(self, output_dir: Path, budget: Budget, seeds: Sequence[int], scheduler: Scheduler,
                  data: Path, num_val: int):
@@ -257,6 +258,7 @@ class Study:
         self.num_val = num_val
         self.runs: dict[str, dict[int, dict[str, Any]]] = {v: {s: {} for s in seeds} for v in (*VARIANTS, RANDOM_INIT)}
         self.raw_pixels: dict[str, Any] = {}
+        self.analysis_time: dict[int, dict[str, dict[str, float]]] = {}  # seed -> tool -> seconds, cpu_seconds
 
     def start(self) -> None:
         # MAE first: every DeepMIM+ run waits for the MAE of its seed.
@@ -314,6 +316,8 @@ class Study:
             self.sched.submit(Task(run_tool, (tool, argv), out), lambda r, t=tool: self.analysed(seed, t, r))
 
     def analysed(self, seed: int, tool: str, result: dict[str, Any]) -> None:
+        # One run of each tool measures every variant of the seed: its time is the seed's, not each variant's.
+        self.analysis_time.setdefault(seed, {})[tool] = {k: result[k] for k in ("seconds", "cpu_seconds")}
         data = result["data"]
         for variant in VARIANTS:
             run = self.runs[variant][seed]
@@ -325,4 +329,3 @@ class Study:
                 run["cka_with_last"] = data["cka_with_last_block"][variant]
             else:
                 run["head_similarity"] = data["checkpoints"][variant]["mean"]
-            run.setdefault("analysis_seconds", {})[tool] = result["seconds"]

@@ -378,3 +378,16 @@ def test_ignore_stop_signals_sets_sig_ign_for_the_three_signals():
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
+
+
+def test_sample_images_are_rgb_whatever_the_source():
+    from util.datasets import sample_images
+
+    camera, coffee = sample_images(("camera", "coffee"))  # a grayscale and a colour sample image
+    assert camera.mode == coffee.mode == "RGB"
+    gray = np.asarray(camera)
+    assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
+    colour = np.asarray(coffee)
+    assert not (colour[..., 0] == colour[..., 2]).all()
+    gray_coffee = np.asarray(sample_images(("coffee",), gray=True)[0])
+    assert gray_coffee.shape == colour.shape and (gray_coffee[..., 0] == gray_coffee[..., 2]).all()

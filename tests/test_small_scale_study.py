@@ -65,6 +65,9 @@ def test_every_stage_produced_its_numbers(smoke):
         assert run["cka_with_last"][-1] == pytest.approx(1.0, abs=1e-4)  # the last block with itself
         assert len(run["head_similarity"]) == depth and all(finite(v) for v in run["head_similarity"])
     assert "pretrain" not in saved["runs"]["random_init"]["0"]
+    times = saved["analysis_time"]["0"]  # one run of each tool per seed, timed once
+    assert sorted(times) == ["cka", "eval_recon_loss", "head_diversity"]
+    assert all(t["seconds"] > 0 and t["cpu_seconds"] > 0 for t in times.values())
     assert 0 <= saved["raw_pixels"]["probe_acc1"] <= 100 and 0 <= saved["raw_pixels"]["knn_acc1"] <= 100
     finetune_dir = root / "out" / "finetune" / "deepmim" / "seed0"
     assert (finetune_dir / "log.txt").is_file() and not list(finetune_dir.glob("*.pth"))  # checkpoints dropped
@@ -138,9 +141,19 @@ def test_task_folder_is_written_once(smoke):
 
 
 def test_digits_task(tmp_path):
-    info = study.export_task(tmp_path, study.dataclasses.replace(SMOKE, task="digits"))
+    info = study.export_task(tmp_path, study.budget_for("smoke", "digits"))
     assert info["images"] == {"train": 60, "val": 60}
     assert sorted(p.name for p in (tmp_path / "train").iterdir()) == [str(d) for d in range(10)]
+
+
+def test_budget_for_a_task():
+    assert study.budget_for("cpu") is study.PRESETS["cpu"]
+    assert study.budget_for("cpu", "digits").per_class is None  # the digits' fixed split, all of it
+    assert study.budget_for("smoke", "digits").per_class == SMOKE.per_class
+    photo = study.budget_for("gpu", "photo_crops")
+    assert photo.task == "photo_crops" and photo.per_class == study.PRESETS["gpu"].per_class and photo.device == "cuda"
+    with pytest.raises(ValueError, match="task must be one of"):
+        study.budget_for("cpu", "cifar")
 
 
 def test_t_interval_matches_a_hand_computed_one():

@@ -11,7 +11,7 @@ import os
 import random
 import signal
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -108,11 +108,23 @@ def build_pretrain_dataset(data_path: str, input_size: int) -> Dataset:
                                 loader=GuardedLoader(datasets.folder.default_loader))
 
 
-def demo_photos() -> list[Image.Image]:
-    """The colour photographs scikit-image ships, as RGB PIL images."""
+def sample_images(names: Sequence[str], gray: bool = False) -> list[Image.Image]:
+    """scikit-image's sample images `skimage.data.<name>()` (shipped with the package, no download) as RGB PIL
+    images: colour ones without their alpha channel, grayscale ones replicated to three channels; with `gray`, every
+    image converted to gray first."""
     import skimage.data
 
-    return [Image.fromarray(np.asarray(getattr(skimage.data, name)())[..., :3]) for name in DEMO_PHOTOS]
+    images = []
+    for name in names:
+        array = np.asarray(getattr(skimage.data, name)())
+        image = Image.fromarray(array[..., :3] if array.ndim == 3 else array)
+        images.append((image.convert("L") if gray else image).convert("RGB"))
+    return images
+
+
+def demo_photos() -> list[Image.Image]:
+    """The colour photographs of DEMO_PHOTOS, as RGB PIL images."""
+    return sample_images(DEMO_PHOTOS)
 
 
 class DemoPhotos(Dataset):
