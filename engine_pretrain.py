@@ -1,7 +1,8 @@
 """One epoch of DeepMIM pre-training: the masking noise every decoder shares (drawn by the run's masking strategy,
 paper Tab. 12), the reconstruction targets, and the summed decoder losses (Eq. 2), run by
-`util.training.train_epoch` (autocast, gradient accumulation, grad scaling, per-iteration lr schedule); plus the
-reconstruction panels logged during training.
+`util.training.train_epoch` (autocast, gradient accumulation, grad scaling, per-iteration lr schedule); the
+reconstruction panels logged during training; and the pieces main_pretrain.py builds a run from (data, loader, model,
+AdamW, target, DeepMIM+ targets).
 
 The step never waits for the device: losses stay on the device and are read only every `print_freq` steps, when
 they are also checked for non-finite values (the step that first went bad is named).
@@ -9,19 +10,35 @@ they are also checked for non-finite values (the step that first went bad is nam
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
+import models_deepmim
+import targets.build
 from analysis.visualize import reconstruction_panels
-from util.datasets import normalize_on_device
+from targets.build import Target
+from targets.hybrid import HybridGenerator, check_hybrid_args, hybrid_targets_fn
+from util import distributed
+from util.datasets import (
+    DemoPhotos,
+    ResumableDistributedSampler,
+    RobustSeededDataset,
+    ignore_stop_signals,
+    normalize_on_device,
+)
+from util.fast_data import build_fast_pretrain_dataset
 from util.training import NonFiniteLossError, OnUpdate, autocast_context, train_epoch
 
-__all__ = ["MaskNoiseFn", "NonFiniteLossError", "TargetsFn", "autocast_context", "compute_targets",
-           "reconstructions", "train_one_epoch"]
+__all__ = ["MaskNoiseFn", "NonFiniteLossError", "TargetsFn", "autocast_context", "build_dataset", "build_loader",
+           "build_model", "build_optimizer", "build_target", "build_targets_fn", "compute_targets", "reconstructions",
+           "train_one_epoch"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,3 +111,68 @@ def reconstructions(model: nn.Module, dataset: Any, targets_fn: TargetsFn | None
         noise = mask_noise_fn(imgs, noise)
     hybrid = compute_targets(targets_fn, imgs, noise)  # None for pixel targets, {block: target} for DeepMIM+
     return reconstruction_panels(model, imgs, noise, mask_ratio, hybrid_targets=hybrid)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Building blocks of a pre-training run (from main_pretrain.py's validated flags)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def build_dataset(args: argparse.Namespace) -> RobustSeededDataset:
+    """Crops drawn per (seed, epoch, index), broken files replaced and counted."""
+    dataset = DemoPhotos(args.input_size, samples_per_photo=32) if args.demo else \
+        build_fast_pretrain_dataset(args.data_path, args.input_size)
+    return RobustSeededDataset(dataset, args.seed)
+
+
+def build_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
+    sampler = ResumableDistributedSampler(
+        dataset, args.batch_size, num_replicas=distributed.get_world_size(), rank=distributed.get_rank(),
+        shuffle=True, seed=args.seed, drop_last=True,
+    )
+    return DataLoader(
+        dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+        pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=True,
+        worker_init_fn=ignore_stop_signals,  # SLURM signals loader workers too: only the main process reacts
+        persistent_workers=args.num_workers > 0,  # the epoch travels with the sampler's indices, not set_epoch
+        generator=torch.Generator().manual_seed(args.seed),  # leaves the global RNG (masking noise) alone
+    )
+
+
+def build_model(args: argparse.Namespace, pred_dim: int | None = None, loss_type: str = "mse"):
+    return models_deepmim.create_model(
+        args.model, img_size=args.input_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
+        depth=args.depth, num_heads=args.num_heads, decoder_embed_dim=args.decoder_embed_dim,
+        decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_num_heads,
+        supervised_blocks=args.supervised_blocks, shared_decoder=args.shared_decoder or None,
+        loss_weights=args.loss_weights, norm_pix_loss=args.norm_pix_loss, pred_dim=pred_dim,
+        loss_type=None if loss_type == "mse" else loss_type,
+    )
+
+
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW (0.9, 0.95) as MAE (paper Appendix A); no weight decay on biases, norms, tokens and pos-embeds."""
+    groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay())
+    # Fused AdamW on every device: 0.43 s vs 0.98 s (foreach) per ViT-B DeepMIM update here (benchmarks/RESULTS.md)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
+
+
+def build_target(args: argparse.Namespace, device: torch.device) -> Target:
+    return targets.build.build_target(
+        args.target, patch_size=models_deepmim.encoder_patch_size(args.model, args.patch_size),
+        img_size=args.input_size, norm_pix_loss=args.norm_pix_loss, teacher_path=args.teacher_path, device=device,
+        teacher_model=args.teacher_model,
+    )
+
+
+def build_targets_fn(args: argparse.Namespace, target: Target, model, device: torch.device) -> TargetsFn | None:
+    """What each decoder reconstructs from (imgs, noise); None: the model's own pixel targets (cheapest)."""
+    if args.hybrid_generator is None:
+        return None if args.target == "pixel" else (lambda imgs, noise: target(imgs))
+    generator = HybridGenerator.from_file(args.hybrid_generator, student_norm_pix=args.norm_pix_loss, device=device)
+    generator.check_student(model.patch_size, model.grid_size)
+    alphas = check_hybrid_args(args.hybrid_generator, args.hybrid_alphas, model.supervised_blocks)
+    logger.info("DeepMIM+: generator %s, alphas %s for blocks %s", args.hybrid_generator, alphas,
+                model.supervised_blocks)
+
+    return hybrid_targets_fn(generator, target, alphas, model.supervised_blocks, args.mask_ratio)

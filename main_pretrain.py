@@ -19,27 +19,30 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from timm.optim import param_groups_weight_decay
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 import models_deepmim
-import targets.build
 from analysis.visualize import grid_tensor, save_grid_png
-from engine_pretrain import TargetsFn, reconstructions, train_one_epoch
+from engine_pretrain import (
+    TargetsFn,
+    build_dataset,
+    build_loader,
+    build_model,
+    build_optimizer,
+    build_target,
+    build_targets_fn,
+    reconstructions,
+    train_one_epoch,
+)
 from targets import masking
-from targets.build import TARGETS, Target, check_target_args
-from targets.hybrid import HybridGenerator, check_generator_file, check_hybrid_args, hybrid_targets_fn
+from targets.build import TARGETS, check_target_args
+from targets.hybrid import check_generator_file, check_hybrid_args
 from util import checkpoint as ckpt
 from util import config, distributed, resume
 from util.amp import AMP_CHOICES, configure_backends, resolve_machine
 from util.datasets import (
-    DemoPhotos,
-    ResumableDistributedSampler,
-    RobustSeededDataset,
     check_image_folder,
-    ignore_stop_signals,
 )
-from util.fast_data import build_fast_pretrain_dataset
 from util.memory import warn_if_memory_short
 from util.misc import RunClock, append_json_log, log_summary, make_log_writer, seed_everything, setup_logging
 from util.patches import num_visible
@@ -238,71 +241,6 @@ def default_blocks(model_name: str, depth: int) -> tuple[int, ...]:
     if model_name.startswith("deepmim"):
         return models_deepmim.default_supervised_blocks(depth)
     return (depth,)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Building blocks of a run
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def build_dataset(args: argparse.Namespace) -> RobustSeededDataset:
-    """Crops drawn per (seed, epoch, index), broken files replaced and counted."""
-    dataset = DemoPhotos(args.input_size, samples_per_photo=32) if args.demo else \
-        build_fast_pretrain_dataset(args.data_path, args.input_size)
-    return RobustSeededDataset(dataset, args.seed)
-
-
-def build_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
-    sampler = ResumableDistributedSampler(
-        dataset, args.batch_size, num_replicas=distributed.get_world_size(), rank=distributed.get_rank(),
-        shuffle=True, seed=args.seed, drop_last=True,
-    )
-    return DataLoader(
-        dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=True,
-        worker_init_fn=ignore_stop_signals,  # SLURM signals loader workers too: only the main process reacts
-        persistent_workers=args.num_workers > 0,  # the epoch travels with the sampler's indices, not set_epoch
-        generator=torch.Generator().manual_seed(args.seed),  # leaves the global RNG (masking noise) alone
-    )
-
-
-def build_model(args: argparse.Namespace, pred_dim: int | None = None, loss_type: str = "mse"):
-    return models_deepmim.create_model(
-        args.model, img_size=args.input_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
-        depth=args.depth, num_heads=args.num_heads, decoder_embed_dim=args.decoder_embed_dim,
-        decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_num_heads,
-        supervised_blocks=args.supervised_blocks, shared_decoder=args.shared_decoder or None,
-        loss_weights=args.loss_weights, norm_pix_loss=args.norm_pix_loss, pred_dim=pred_dim,
-        loss_type=None if loss_type == "mse" else loss_type,
-    )
-
-
-def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """AdamW (0.9, 0.95) as MAE (paper Appendix A); no weight decay on biases, norms, tokens and pos-embeds."""
-    groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay())
-    # Fused AdamW on every device: 0.43 s vs 0.98 s (foreach) per ViT-B DeepMIM update here (benchmarks/RESULTS.md)
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
-
-
-def build_target(args: argparse.Namespace, device: torch.device) -> Target:
-    return targets.build.build_target(
-        args.target, patch_size=models_deepmim.encoder_patch_size(args.model, args.patch_size),
-        img_size=args.input_size, norm_pix_loss=args.norm_pix_loss, teacher_path=args.teacher_path, device=device,
-        teacher_model=args.teacher_model,
-    )
-
-
-def build_targets_fn(args: argparse.Namespace, target: Target, model, device: torch.device) -> TargetsFn | None:
-    """What each decoder reconstructs from (imgs, noise); None: the model's own pixel targets (cheapest)."""
-    if args.hybrid_generator is None:
-        return None if args.target == "pixel" else (lambda imgs, noise: target(imgs))
-    generator = HybridGenerator.from_file(args.hybrid_generator, student_norm_pix=args.norm_pix_loss, device=device)
-    generator.check_student(model.patch_size, model.grid_size)
-    alphas = check_hybrid_args(args.hybrid_generator, args.hybrid_alphas, model.supervised_blocks)
-    logger.info("DeepMIM+: generator %s, alphas %s for blocks %s", args.hybrid_generator, alphas,
-                model.supervised_blocks)
-
-    return hybrid_targets_fn(generator, target, alphas, model.supervised_blocks, args.mask_ratio)
 
 
 class RunResult(NamedTuple):
