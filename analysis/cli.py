@@ -48,9 +48,9 @@ def add_common_args(parser: argparse.ArgumentParser, num_images: int, batch_size
     """Flags every analysis tool takes: checkpoints, images, device, output folder."""
     group = parser.add_argument_group("checkpoints")
     group.add_argument("--ckpt", nargs="+", required=True, metavar="PATH",
-                       help="one or more checkpoints: this project's (pre-training; fine-tuned or probed ones and "
-                            ".safetensors exports for the encoder analyses), or released MAE/DeepMIM weights with "
-                            "--model")
+                       help="one or more checkpoints: this project's (pre-training; fine-tuned or probed ones, "
+                            ".safetensors exports and timm Hub folders for the encoder analyses), or released "
+                            "MAE/DeepMIM weights with --model")
     group.add_argument("--names", nargs="+", default=None,
                        help="label of each checkpoint in figures and JSON (default: the file names)")
     group.add_argument("--model", nargs="+", default=None, metavar="NAME",
@@ -73,21 +73,7 @@ def add_common_args(parser: argparse.ArgumentParser, num_images: int, batch_size
 
 def check_common_args(args: argparse.Namespace, unique_names: bool = True, min_batch: int = 1) -> None:
     """Validate the shared flags before anything is loaded; fills args.names. Raises UsageError naming the flag."""
-    missing = [p for p in args.ckpt if not Path(p).is_file()]
-    if missing:
-        raise UsageError(f"--ckpt: checkpoint file(s) not found: {', '.join(missing)}")
-    if args.names is None:
-        args.names = default_names(args.ckpt)
-    if len(args.names) != len(args.ckpt):
-        raise UsageError(f"--names has {len(args.names)} values for {len(args.ckpt)} --ckpt files")
-    if unique_names and len(set(args.names)) != len(args.names):
-        raise UsageError(f"--names must be distinct, got {args.names}")
-    if args.model is not None:
-        if len(args.model) not in (1, len(args.ckpt)):
-            raise UsageError(f"--model takes 1 name or one per --ckpt ({len(args.ckpt)}), got {len(args.model)}")
-        unknown = [m for m in args.model if m not in known_model_names()]
-        if unknown:
-            raise UsageError(f"--model {unknown} unknown; known: {', '.join(known_model_names())}")
+    check_checkpoint_args(args, known_model_names(), unique_names)
     if args.data_path is not None:
         try:
             check_image_folder(args.data_path)
@@ -102,6 +88,28 @@ def check_common_args(args: argparse.Namespace, unique_names: bool = True, min_b
     args.device = resolve_device(args.device)
 
 
+def check_checkpoint_args(args: argparse.Namespace, known_models: Sequence[str], unique_names: bool = True) -> None:
+    """--ckpt (each an existing file or folder: whatever `analysis.loading.read_checkpoint` reads), --names (one per
+    --ckpt, filled with `default_names` when absent), --model (one name, or one per --ckpt, from `known_models`).
+    Raises UsageError naming the flag; nothing is read."""
+    missing = [p for p in args.ckpt if not Path(p).exists()]
+    if missing:
+        raise UsageError(f"--ckpt: not found: {', '.join(missing)} (give a checkpoint file, a .safetensors export or "
+                         "a timm Hub folder of tools/export_encoder.py)")
+    if args.names is None:
+        args.names = default_names(args.ckpt)
+    if len(args.names) != len(args.ckpt):
+        raise UsageError(f"--names has {len(args.names)} values for {len(args.ckpt)} --ckpt files")
+    if unique_names and len(set(args.names)) != len(args.names):
+        raise UsageError(f"--names must be distinct, got {args.names}")
+    if args.model is not None:
+        if len(args.model) not in (1, len(args.ckpt)):
+            raise UsageError(f"--model takes 1 name or one per --ckpt ({len(args.ckpt)}), got {len(args.model)}")
+        unknown = [m for m in args.model if m not in known_models]
+        if unknown:
+            raise UsageError(f"--model {unknown} unknown; known: {', '.join(known_models)}")
+
+
 def add_mask_ratio_arg(group: argparse._ActionsContainer) -> None:
     """--mask_ratio of the decoder tools (reconstructions, validation loss); checked by `check_mask_ratio`."""
     group.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed (MAE: 0.75)")
@@ -114,10 +122,11 @@ def check_mask_ratio(args: argparse.Namespace) -> None:
 
 
 def default_names(paths: Sequence[str]) -> list[str]:
-    """File stems, or parent/stem when stems repeat (run_a/checkpoint-last.pth, run_b/checkpoint-last.pth)."""
-    stems = [Path(p).stem for p in paths]
-    if len(set(stems)) == len(stems):
-        return stems
+    """File stems; file names when stems repeat (deepmim.pth, deepmim.safetensors); parent/stem when those repeat
+    too (run_a/checkpoint-last.pth, run_b/checkpoint-last.pth)."""
+    for names in ([Path(p).stem for p in paths], [Path(p).name for p in paths]):
+        if len(set(names)) == len(names):
+            return names
     return [f"{Path(p).parent.name}/{Path(p).stem}" for p in paths]
 
 
