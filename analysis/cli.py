@@ -44,18 +44,24 @@ def tool_parser(description: str | None, num_images: int, batch_size: int) -> ar
     return parser
 
 
+def add_checkpoint_args(group: argparse._ActionsContainer, ckpt_help: str, model_help: str) -> None:
+    """--ckpt PATH..., --names (labels, default: the file names) and --model NAME... (for files without
+    model_cfg), checked by `check_checkpoint_args`."""
+    group.add_argument("--ckpt", nargs="+", required=True, metavar="PATH", help=ckpt_help)
+    group.add_argument("--names", nargs="+", default=None,
+                       help="label of each checkpoint in tables, figures and JSON (default: the file names)")
+    group.add_argument("--model", nargs="+", default=None, metavar="NAME",
+                       help=f"{model_help}: one for all, or one per --ckpt")
+
+
 def add_common_args(parser: argparse.ArgumentParser, num_images: int, batch_size: int) -> None:
     """Flags every analysis tool takes: checkpoints, images, device, output folder."""
-    group = parser.add_argument_group("checkpoints")
-    group.add_argument("--ckpt", nargs="+", required=True, metavar="PATH",
-                       help="one or more checkpoints: this project's (pre-training; fine-tuned or probed ones, "
-                            ".safetensors exports and timm Hub folders for the encoder analyses), or released "
-                            "MAE/DeepMIM weights with --model")
-    group.add_argument("--names", nargs="+", default=None,
-                       help="label of each checkpoint in figures and JSON (default: the file names)")
-    group.add_argument("--model", nargs="+", default=None, metavar="NAME",
-                       help="model name for checkpoints without model_cfg (e.g. mae_vit_base_patch16, or "
-                            "vit_base_patch16 for fine-tuned weights): one for all, or one per --ckpt")
+    add_checkpoint_args(parser.add_argument_group("checkpoints"),
+                        "one or more checkpoints: this project's (pre-training; fine-tuned or probed ones, "
+                        ".safetensors exports and timm Hub folders for the encoder analyses), or released "
+                        "MAE/DeepMIM weights with --model",
+                        "model name for checkpoints without model_cfg (e.g. mae_vit_base_patch16, or "
+                        "vit_base_patch16 for fine-tuned weights)")
     data = parser.add_argument_group("images")
     source = data.add_mutually_exclusive_group(required=True)
     source.add_argument("--data_path", default=None, help="ImageFolder root (its val/ subfolder if present)")

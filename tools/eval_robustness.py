@@ -47,15 +47,10 @@ DATASET_TITLES = {"imagenet_a": "IN-A top-1", "imagenet_r": "IN-R top-1", "image
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     group = parser.add_argument_group("classifiers")
-    group.add_argument("--ckpt", nargs="+", required=True, metavar="PATH",
-                       help="fine-tuned (main_finetune.py) or linear-probe (main_linprobe.py) checkpoints, "
-                            ".safetensors exports or timm Hub folders (tools/export_encoder.py), or released "
-                            "fine-tuned weights with --model")
-    group.add_argument("--names", nargs="+", default=None,
-                       help="label of each classifier in the table, figure and JSON (default: the file names)")
-    group.add_argument("--model", nargs="+", default=None, metavar="NAME",
-                       help=f"classifier for files without model_cfg ({', '.join(models_vit.VIT_SIZES)}): one for "
-                            "all, or one per --ckpt")
+    cli.add_checkpoint_args(group, "fine-tuned (main_finetune.py) or linear-probe (main_linprobe.py) checkpoints, "
+                                   ".safetensors exports or timm Hub folders (tools/export_encoder.py), or released "
+                                   "fine-tuned weights with --model",
+                            f"classifier for files without model_cfg ({', '.join(models_vit.VIT_SIZES)})")
     group.add_argument("--train_wnids", default=None, metavar="FILE|DIR",
                        help="the classifier's classes in logit order: a file with one wnid a line, or the training "
                             "ImageFolder (its sub-folders, sorted); default: ImageNet-1K's 1000 sorted wnids (timm)")
