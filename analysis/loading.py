@@ -37,8 +37,9 @@ class LoadedModel(NamedTuple):
     epoch: int | None  # the checkpoint's "epoch" when it has one
 
 
-DECODER_TOOLS = ("tools/visualize.py", "tools/eval_recon_loss.py")  # need a pre-training checkpoint's decoders
-ENCODER_TOOLS = ("tools/cka.py", "tools/head_diversity.py")  # take any checkpoint that holds the encoder
+# need a pre-training checkpoint's decoders
+DECODER_TOOLS = ("tools/visualize.py", "tools/eval_recon_loss.py", "tools/export_mae.py")
+ENCODER_TOOLS = ("tools/cka.py", "tools/head_diversity.py", "tools/probe_blocks.py")  # take anything with an encoder
 CLASSIFIER_READOUT = ("head.", "fc_norm.")  # keys of a fine-tuned / probed classifier the analyses do not use
 
 
@@ -175,9 +176,9 @@ def known_model_names() -> list[str]:
 
 def no_decoder_message(path: str | os.PathLike, what: str) -> str:
     """The error of a decoder tool given an encoder-only file; names the file and the tools that accept it."""
-    return (f"{path}: {what}: it holds the encoder only, no decoder. Reconstructions and the validation loss "
-            f"({', '.join(DECODER_TOOLS)}) need a pre-training checkpoint of main_pretrain.py with its decoders; "
-            f"{' and '.join(ENCODER_TOOLS)} accept encoder-only files")
+    return (f"{path}: {what}: it holds the encoder only, no decoder. Reconstructions, the validation loss and MAE's "
+            f"layout ({', '.join(DECODER_TOOLS)}) need a pre-training checkpoint of main_pretrain.py with its "
+            f"decoders; {', '.join(ENCODER_TOOLS)} accept encoder-only files")
 
 
 def _is_pos_embed(key: str) -> bool:

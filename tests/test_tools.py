@@ -359,7 +359,7 @@ def test_decoder_tools_name_the_encoder_only_file(files, tmp_path, tool):
             run_tool(tool, files, tmp_path / "out", "--ckpt", str(path))
         message = str(error.value)
         assert str(path) in message and "holds the encoder only, no decoder" in message, message
-        assert "tools/cka.py and tools/head_diversity.py accept" in message
+        assert "tools/cka.py, tools/head_diversity.py, tools/probe_blocks.py accept" in message
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
