@@ -27,9 +27,11 @@ class UsageError(ValueError):
     """A bad flag or input file, found before any compute; `run_cli` prints it as a usage error."""
 
 
-def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], Any]) -> Any:
-    """Parse sys.argv, set up logging and run `main`; a UsageError exits with the parser's usage message."""
-    args = parser.parse_args()
+def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], Any],
+            argv: Sequence[str] | None = None) -> Any:
+    """Parse `argv` (default sys.argv), set up logging and run `main`; a UsageError exits with the parser's usage
+    message."""
+    args = parser.parse_args(argv)
     setup_logging()
     try:
         return main(args)

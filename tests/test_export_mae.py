@@ -16,7 +16,7 @@ from torch import nn
 
 import models_deepmim
 import models_vit
-from analysis import loading
+from analysis import cli, loading
 from models_deepmim import create_model
 from tools import export_encoder
 from util.checkpoint import save_atomic
@@ -154,7 +154,7 @@ def test_files_mae_s_layout_cannot_hold_are_refused_by_name(tmp_path, kind, mess
         path = tmp_path / ("run.safetensors" if kind == "safetensors" else "hub")
         export_encoder.export(str(tmp_path / "run.pth"), *((str(path),) if kind == "safetensors" else (None, path)))
     with pytest.raises(SystemExit) as exit_info:
-        export_mae.main([str(path), str(tmp_path / "out.pth")])
+        cli.run_cli(export_mae.get_args_parser(), export_mae.main, [str(path), str(tmp_path / "out.pth")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and str(path) in err
     assert not (tmp_path / "out.pth").exists()

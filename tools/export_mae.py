@@ -33,6 +33,7 @@ from torch import Tensor  # noqa: E402
 
 import models_deepmim  # noqa: E402
 import models_vit  # noqa: E402
+from analysis import cli  # noqa: E402
 from analysis.loading import is_classifier_config, no_decoder_message, read_checkpoint  # noqa: E402
 from models_deepmim import MaskedAutoencoderDeepMIM  # noqa: E402
 from util.checkpoint import save_atomic  # noqa: E402
@@ -110,19 +111,20 @@ def export(checkpoint_path: str | Path, out_path: str | Path) -> dict[str, Any]:
     return exported
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("checkpoint", help="pre-training checkpoint of main_pretrain.py (pixel targets)")
     parser.add_argument("output", help="output .pth file in MAE's layout")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
     try:
-        export(args.checkpoint, args.output)
+        return export(args.checkpoint, args.output)
     except (FileNotFoundError, ValueError) as err:
-        parser.error(str(err))
-    return 0
+        raise cli.UsageError(str(err)) from err
 
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    sys.exit(main())
+    cli.run_cli(get_args_parser(), main)
