@@ -1,5 +1,5 @@
-"""One epoch of fine-tuning or linear probing, top-1/top-5 evaluation (MAE's engine_finetune), and `Run`: the epoch
-loop of a whole run with resume, evaluation and checkpoints.
+"""The loss of a fine-tuning or linear-probing step, top-1/top-5 evaluation (MAE's engine_finetune), and `Run`: the
+epoch loop of a whole run with resume, evaluation and checkpoints.
 
 Both main_finetune.py and main_linprobe.py use this module; only the model, criterion, optimizer and augmentation
 differ. Training runs `util.training.train_epoch`, as pre-training does: gradient accumulation costs one all-reduce
@@ -32,33 +32,21 @@ from util.cls_run import report, write_eval_record
 from util.misc import MetricLogger, RunClock, append_json_log, log_summary, make_log_writer
 from util.preemption import GracefulStop
 from util.resume import check_model_fits, restore_training_state
-from util.training import OnUpdate, UpdateHook, autocast_context, maybe_compile, train_epoch, wrap_ddp
+from util.training import StepLoss, UpdateHook, autocast_context, maybe_compile, train_epoch, wrap_ddp
 
 logger = logging.getLogger(__name__)
 
 Criterion = Callable[[Tensor, Tensor], Tensor]
 
 
-def train_one_epoch(
-    model: nn.Module,
-    criterion: Criterion,
-    data_loader: Iterable,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    device: torch.device,
-    epoch: int,
-    args: Any,
-    mixup_fn: Mixup | None = None,
-    log_writer: Any = None,
-    start_step: int = 0,
-    on_update: OnUpdate | None = None,
-) -> dict[str, float]:
-    """Train for one epoch (`util.training.train_epoch`: per-iteration lr schedule with `lr_scale` per group for
-    layer decay, gradient accumulation, optional clipping by `args.clip_grad`); returns the epoch averages of loss
-    and lr, and the number of unreadable images replaced (`bad_images`).
+def classification_step(model: nn.Module, criterion: Criterion, device: torch.device, amp: str,
+                        mixup_fn: Mixup | None = None) -> StepLoss:
+    """The loss of one fine-tuning / probing micro-step, for `util.training.train_epoch` (MAE's train_one_epoch:
+    per-iteration lr schedule with `lr_scale` per group for layer decay, gradient accumulation, clipping by
+    `args.clip_grad`), which returns the epoch averages of loss and lr and the unreadable images replaced.
 
-    Batches: images (N, 3, H, W) float, labels (N,) int, bad (N,) int (util.datasets.RobustSeededDataset's items);
-    `mixup_fn` turns labels into soft targets (N, classes). The logits go to `criterion` in float32.
+    Batches: images (N, 3, H, W) float, labels (N,) int (util.datasets.RobustSeededDataset's items); `mixup_fn`
+    turns labels into soft targets (N, classes). The logits go to `criterion` in float32.
     """
 
     def step_loss(samples: Tensor, labels: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
@@ -66,14 +54,11 @@ def train_one_epoch(
         labels = labels.to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, labels = mixup_fn(samples, labels)
-        with autocast_context(device, args.amp):
+        with autocast_context(device, amp):
             outputs = model(samples)
         return criterion(outputs.float(), labels), {}
 
-    return train_epoch(model, data_loader, optimizer, scaler, epoch, args, step_loss,
-                       clip_grad=getattr(args, "clip_grad", None),  # linprobe: no --clip_grad
-                       log_writer=log_writer, start_step=start_step, on_update=on_update)
-
+    return step_loss
 
 
 @torch.no_grad()
@@ -223,8 +208,10 @@ class Run:
             self.train_loader.dataset.set_epoch(epoch)
             self.train_loader.sampler.set_epoch(epoch)
             self.train_loader.sampler.set_start_step(start_step)
-            train_stats = train_one_epoch(model, self.criterion, self.train_loader, self.optimizer, self.scaler,
-                                          self.device, epoch, args, self.mixup_fn, log_writer, start_step, on_update)
+            step_loss = classification_step(model, self.criterion, self.device, args.amp, self.mixup_fn)
+            train_stats = train_epoch(model, self.train_loader, self.optimizer, self.scaler, epoch, args, step_loss,
+                                      clip_grad=getattr(args, "clip_grad", None),  # linprobe: no --clip_grad
+                                      log_writer=log_writer, start_step=start_step, on_update=on_update)
             start_step = 0
             test_stats = self.evaluate()
             is_best = test_stats["acc1"] > self.best_acc

@@ -21,8 +21,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from timm.layers import trunc_normal_
-from timm.models.vision_transformer import VisionTransformer
 from timm.optim import Lars
 from torch import nn
 
@@ -36,7 +34,6 @@ logger = logging.getLogger(__name__)
 
 LARS_MOMENTUM = 0.9  # MAE's LARS defaults
 LARS_TRUST_COEFF = 0.001
-HEAD_INIT_STD = 0.01  # MAE's main_linprobe: trunc_normal_(head.weight, std=0.01)
 
 # --demo: digits from the demo pre-training checkpoint, under a minute on a 2-core CPU, about 90% top-1. LARS moves
 # each weight matrix by lr * 0.001 of its norm per step; MAE's recipe takes ~7000 steps at lr 6.4, the demo ~130, hence
@@ -100,41 +97,6 @@ def resolve_args(args: argparse.Namespace) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def truncate_to_block(model: VisionTransformer, block: int) -> None:
-    """Make `model` read block `block` (1-based): keep blocks 1..block, drop the final norm and fc_norm, and pool by
-    averaging the patch tokens. Features: raw output of that block, (N, L, D) -> (N, D)."""
-    models_vit.check_last_blocks(block, len(model.blocks), "--probe_block")
-    model.prune_intermediate_layers(indices=[block - 1], prune_norm=True, prune_head=True)
-    model.reset_classifier(model.config["num_classes"], global_pool="avg")
-
-
-def attach_probe_head(model: VisionTransformer) -> None:
-    """MAE's probe head: BatchNorm1d without affine parameters (eps 1e-6) then the linear classifier, initialised
-    trunc-normal (std 0.01); everything else frozen."""
-    linear = model.head
-    trunc_normal_(linear.weight, std=HEAD_INIT_STD)
-    nn.init.zeros_(linear.bias)
-    model.head = nn.Sequential(nn.BatchNorm1d(linear.in_features, affine=False, eps=1e-6), linear)
-    model.requires_grad_(False)
-    model.head.requires_grad_(True)
-
-
-def build_probe(config: Mapping[str, Any], checkpoint: Mapping[str, Any] | None = None) -> VisionTransformer:
-    """A classifier from `config` (a classifier config plus "probe_block"), the encoder loaded from a pre-training
-    `checkpoint` when given, truncated at the probed block, with a frozen encoder and a trainable probe head."""
-    config = dict(config)
-    probe_block = config.pop("probe_block", None)
-    model = models_vit.classifier_from_config(config)
-    if checkpoint is not None:
-        report = models_vit.load_encoder_weights(model, checkpoint)
-        logger.info("loaded the encoder: missing %s, unexpected %s", report.missing, report.unexpected)
-    if probe_block is not None:
-        truncate_to_block(model, probe_block)
-    attach_probe_head(model)
-    model.config = {**config, "probe_block": probe_block}
-    return model
-
-
 def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     """timm's LARS set up as MAE's: trust ratio (coefficient 0.001) and weight decay only for tensors with more
     than one dimension; biases get plain SGD with momentum 0.9.
@@ -160,7 +122,7 @@ def train(args: argparse.Namespace, checkpoint: Mapping[str, Any] | None) -> dic
     config = dict(name=args.model, img_size=args.input_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
                   depth=args.depth, num_heads=args.num_heads, num_classes=args.nb_classes, drop_path_rate=0.0,
                   global_pool=args.global_pool, probe_block=args.probe_block)
-    model = build_probe(config, None if args.resume else checkpoint).to(device)
+    model = models_vit.build_probe(config, None if args.resume else checkpoint).to(device)
     run = Run(args, model, nn.CrossEntropyLoss(), build_optimizer(model, args), loaders,
               flag_defaults=flag_defaults(get_args_parser()))
     what = f"block {args.probe_block}" if args.probe_block else ("global pool" if args.global_pool else "cls token")

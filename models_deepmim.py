@@ -379,7 +379,7 @@ _RELEASED_DECODER_KEY = re.compile(
     r"^(?P<part>decoder_embed|mask_token|decoder_blocks|decoder_norm|decoder_pred|decoder_pos_embed)"
     r"(?P<index>\d*)(?P<rest>(\..*)?)$"
 )
-_PART_NAMES = {
+MAE_PART_NAMES = {  # MAE key prefix -> the part of our Decoder; tools/export_mae.py writes the inverse
     "decoder_embed": "embed", "mask_token": "mask_token", "decoder_blocks": "blocks", "decoder_norm": "norm",
     "decoder_pred": "pred", "decoder_pos_embed": "pos_embed",
 }
@@ -418,7 +418,7 @@ def convert_released_keys(state_dict: Mapping[str, Tensor], model: MaskedAutoenc
         if not targets:
             out[key] = value  # a decoder this model does not have: reported as unexpected
         for target in targets:
-            out[f"decoders.{target}.{_PART_NAMES[part]}{rest}"] = value
+            out[f"decoders.{target}.{MAE_PART_NAMES[part]}{rest}"] = value
     return out
 
 

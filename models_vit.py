@@ -6,8 +6,9 @@ drop path, and MAE's two read-outs: `global_pool=True` averages the patch tokens
 normalised cls token.
 
 Also here: loading pre-trained encoders (this project's checkpoints, MAE's `mae_pretrain_vit_*.pth`, the released
-DeepMIM ones), and the paper's layer studies: train only the last K blocks (Fig. 7) and re-initialise the last K
-blocks before fine-tuning (Fig. 8).
+DeepMIM ones), the paper's layer studies: train only the last K blocks (Fig. 7) and re-initialise the last K
+blocks before fine-tuning (Fig. 8), MAE's linear probe (BatchNorm + linear head on a frozen, possibly truncated
+encoder), and the per-head attention maps of a block.
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ VIT_SIZES: dict[str, tuple[int, int, int, int]] = {  # name: (patch_size, embed_
     "vit_huge_patch14": (14, 1280, 32, 16),
 }
 ARCH_KEYS = ("patch_size", "embed_dim", "depth", "num_heads")
+# Our classifier names -> the timm architecture with the same blocks (qkv bias, LayerNorm eps 1e-6, MLP ratio 4): the
+# name `tools/export_encoder.py` writes into a Hub folder's config.json, and reads back from one.
+TIMM_ARCHITECTURES = {
+    "vit_small_patch16": "vit_small_patch16_224",
+    "vit_base_patch16": "vit_base_patch16_224",
+    "vit_large_patch16": "vit_large_patch16_224",
+    "vit_huge_patch14": "vit_huge_patch14_224",
+}
 PRETRAIN_PREFIXES = ("deepmim_", "mae_")
 
 # Keys of pre-training checkpoints that are not part of the encoder: our decoders (`decoders.*`), MAE's and the
@@ -46,6 +55,7 @@ DROPPED_KEY = re.compile(r"^(decoders\.|decoder_|mask_token|teacher|generator)")
 # (MAE's pre-training has no fc_norm; global pooling adds it).
 ALLOWED_MISSING = re.compile(r"^(head|fc_norm)\.")
 HEAD_INIT_STD = 2e-5  # MAE's main_finetune: trunc_normal_(head.weight, std=2e-5)
+PROBE_HEAD_INIT_STD = 0.01  # MAE's main_linprobe: trunc_normal_(head.weight, std=0.01)
 
 
 def encoder_name(name: str) -> str:
@@ -160,7 +170,7 @@ def load_encoder_weights(model: VisionTransformer, checkpoint: Mapping[str, Any]
     Decoder, teacher and generator weights and any old head are dropped; the position embedding is resampled
     (bicubic, timm) when the patch grid differs, keeping the cls slot; the head is re-initialised (trunc-normal,
     std 2e-5). Raises ValueError when an encoder weight is missing or has another shape. Does not log the
-    missing / unexpected keys: its callers (main_finetune.build_model, main_linprobe.build_probe) log the returned
+    missing / unexpected keys: its callers (main_finetune.build_model, build_probe) log the returned
     report once, with the file name.
     """
     state_dict = encoder_state_dict(checkpoint)
@@ -226,6 +236,68 @@ def reinit_last_blocks(model: VisionTransformer, k: int) -> None:
     with torch.no_grad():
         for block in model.blocks[depth - k:]:
             named_apply(init_weights_vit_timm, block)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Linear probes (main_linprobe.py; also rebuilt from their checkpoints by the analyses)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def truncate_to_block(model: VisionTransformer, block: int) -> None:
+    """Make `model` read block `block` (1-based): keep blocks 1..block, drop the final norm and fc_norm, and pool by
+    averaging the patch tokens. Features: raw output of that block, (N, L, D) -> (N, D)."""
+    check_last_blocks(block, len(model.blocks), "--probe_block")
+    model.prune_intermediate_layers(indices=[block - 1], prune_norm=True, prune_head=True)
+    model.reset_classifier(model.config["num_classes"], global_pool="avg")
+
+
+def attach_probe_head(model: VisionTransformer) -> None:
+    """MAE's probe head: BatchNorm1d without affine parameters (eps 1e-6) then the linear classifier, initialised
+    trunc-normal (std 0.01); everything else frozen."""
+    linear = model.head
+    trunc_normal_(linear.weight, std=PROBE_HEAD_INIT_STD)
+    nn.init.zeros_(linear.bias)
+    model.head = nn.Sequential(nn.BatchNorm1d(linear.in_features, affine=False, eps=1e-6), linear)
+    model.requires_grad_(False)
+    model.head.requires_grad_(True)
+
+
+def build_probe(config: Mapping[str, Any], checkpoint: Mapping[str, Any] | None = None) -> VisionTransformer:
+    """A classifier from `config` (a classifier config plus "probe_block", a probe checkpoint's "model_cfg"), the
+    encoder loaded from a pre-training `checkpoint` when given, truncated at the probed block, with a frozen encoder
+    and a trainable probe head."""
+    config = dict(config)
+    probe_block = config.pop("probe_block", None)
+    model = classifier_from_config(config)
+    if checkpoint is not None:
+        report = load_encoder_weights(model, checkpoint)
+        logger.info("loaded the encoder: missing %s, unexpected %s", report.missing, report.unexpected)
+    if probe_block is not None:
+        truncate_to_block(model, probe_block)
+    attach_probe_head(model)
+    model.config = {**config, "probe_block": probe_block}
+    return model
+
+
+def is_probe_config(config: Mapping[str, Any]) -> bool:
+    """True for the "model_cfg" of a linear probe (main_linprobe.py writes "probe_block", None for the last block)."""
+    return "probe_block" in config
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention of timm's blocks (head-diversity analysis, semantic-aware masking)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def attention_probs(attn: nn.Module, qkv: Tensor, num_queries: int | None = None) -> Tensor:
+    """softmax(q k^T * scale) of one timm `Attention` per head, in float32: (N, heads, Q, T).
+
+    qkv: (N, T, 3 * heads * head_dim), the output of the block's qkv projection. num_queries: only the first Q query
+    tokens (1: the class token's row); None: all T. timm's fused kernel never forms these maps, hence this."""
+    n, tokens, _ = qkv.shape
+    q, k, _ = qkv.float().reshape(n, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q[:, :, :num_queries]), attn.k_norm(k)  # (N, heads, Q, d), (N, heads, T, d)
+    return ((q @ k.transpose(-2, -1)) * attn.scale).softmax(dim=-1)
 
 # --------------------------------------------------------------------------------------------------------------
 # Architecture flags of the classification scripts (main_finetune.py, main_linprobe.py)

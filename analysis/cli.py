@@ -27,9 +27,11 @@ class UsageError(ValueError):
     """A bad flag or input file, found before any compute; `run_cli` prints it as a usage error."""
 
 
-def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], Any]) -> Any:
-    """Parse sys.argv, set up logging and run `main`; a UsageError exits with the parser's usage message."""
-    args = parser.parse_args()
+def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], Any],
+            argv: Sequence[str] | None = None) -> Any:
+    """Parse `argv` (default sys.argv), set up logging and run `main`; a UsageError exits with the parser's usage
+    message."""
+    args = parser.parse_args(argv)
     setup_logging()
     try:
         return main(args)
@@ -44,18 +46,24 @@ def tool_parser(description: str | None, num_images: int, batch_size: int) -> ar
     return parser
 
 
+def add_checkpoint_args(group: argparse._ActionsContainer, ckpt_help: str, model_help: str) -> None:
+    """--ckpt PATH..., --names (labels, default: the file names) and --model NAME... (for files without
+    model_cfg), checked by `check_checkpoint_args`."""
+    group.add_argument("--ckpt", nargs="+", required=True, metavar="PATH", help=ckpt_help)
+    group.add_argument("--names", nargs="+", default=None,
+                       help="label of each checkpoint in tables, figures and JSON (default: the file names)")
+    group.add_argument("--model", nargs="+", default=None, metavar="NAME",
+                       help=f"{model_help}: one for all, or one per --ckpt")
+
+
 def add_common_args(parser: argparse.ArgumentParser, num_images: int, batch_size: int) -> None:
     """Flags every analysis tool takes: checkpoints, images, device, output folder."""
-    group = parser.add_argument_group("checkpoints")
-    group.add_argument("--ckpt", nargs="+", required=True, metavar="PATH",
-                       help="one or more checkpoints: this project's (pre-training; fine-tuned or probed ones and "
-                            ".safetensors exports for the encoder analyses), or released MAE/DeepMIM weights with "
-                            "--model")
-    group.add_argument("--names", nargs="+", default=None,
-                       help="label of each checkpoint in figures and JSON (default: the file names)")
-    group.add_argument("--model", nargs="+", default=None, metavar="NAME",
-                       help="model name for checkpoints without model_cfg (e.g. mae_vit_base_patch16, or "
-                            "vit_base_patch16 for fine-tuned weights): one for all, or one per --ckpt")
+    add_checkpoint_args(parser.add_argument_group("checkpoints"),
+                        "one or more checkpoints: this project's (pre-training; fine-tuned or probed ones, "
+                        ".safetensors exports and timm Hub folders for the encoder analyses), or released "
+                        "MAE/DeepMIM weights with --model",
+                        "model name for checkpoints without model_cfg (e.g. mae_vit_base_patch16, or "
+                        "vit_base_patch16 for fine-tuned weights)")
     data = parser.add_argument_group("images")
     source = data.add_mutually_exclusive_group(required=True)
     source.add_argument("--data_path", default=None, help="ImageFolder root (its val/ subfolder if present)")
@@ -73,21 +81,7 @@ def add_common_args(parser: argparse.ArgumentParser, num_images: int, batch_size
 
 def check_common_args(args: argparse.Namespace, unique_names: bool = True, min_batch: int = 1) -> None:
     """Validate the shared flags before anything is loaded; fills args.names. Raises UsageError naming the flag."""
-    missing = [p for p in args.ckpt if not Path(p).is_file()]
-    if missing:
-        raise UsageError(f"--ckpt: checkpoint file(s) not found: {', '.join(missing)}")
-    if args.names is None:
-        args.names = default_names(args.ckpt)
-    if len(args.names) != len(args.ckpt):
-        raise UsageError(f"--names has {len(args.names)} values for {len(args.ckpt)} --ckpt files")
-    if unique_names and len(set(args.names)) != len(args.names):
-        raise UsageError(f"--names must be distinct, got {args.names}")
-    if args.model is not None:
-        if len(args.model) not in (1, len(args.ckpt)):
-            raise UsageError(f"--model takes 1 name or one per --ckpt ({len(args.ckpt)}), got {len(args.model)}")
-        unknown = [m for m in args.model if m not in known_model_names()]
-        if unknown:
-            raise UsageError(f"--model {unknown} unknown; known: {', '.join(known_model_names())}")
+    check_checkpoint_args(args, known_model_names(), unique_names)
     if args.data_path is not None:
         try:
             check_image_folder(args.data_path)
@@ -102,6 +96,28 @@ def check_common_args(args: argparse.Namespace, unique_names: bool = True, min_b
     args.device = resolve_device(args.device)
 
 
+def check_checkpoint_args(args: argparse.Namespace, known_models: Sequence[str], unique_names: bool = True) -> None:
+    """--ckpt (each an existing file or folder: whatever `analysis.loading.read_checkpoint` reads), --names (one per
+    --ckpt, filled with `default_names` when absent), --model (one name, or one per --ckpt, from `known_models`).
+    Raises UsageError naming the flag; nothing is read."""
+    missing = [p for p in args.ckpt if not Path(p).exists()]
+    if missing:
+        raise UsageError(f"--ckpt: not found: {', '.join(missing)} (give a checkpoint file, a .safetensors export or "
+                         "a timm Hub folder of tools/export_encoder.py)")
+    if args.names is None:
+        args.names = default_names(args.ckpt)
+    if len(args.names) != len(args.ckpt):
+        raise UsageError(f"--names has {len(args.names)} values for {len(args.ckpt)} --ckpt files")
+    if unique_names and len(set(args.names)) != len(args.names):
+        raise UsageError(f"--names must be distinct, got {args.names}")
+    if args.model is not None:
+        if len(args.model) not in (1, len(args.ckpt)):
+            raise UsageError(f"--model takes 1 name or one per --ckpt ({len(args.ckpt)}), got {len(args.model)}")
+        unknown = [m for m in args.model if m not in known_models]
+        if unknown:
+            raise UsageError(f"--model {unknown} unknown; known: {', '.join(known_models)}")
+
+
 def add_mask_ratio_arg(group: argparse._ActionsContainer) -> None:
     """--mask_ratio of the decoder tools (reconstructions, validation loss); checked by `check_mask_ratio`."""
     group.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed (MAE: 0.75)")
@@ -114,10 +130,11 @@ def check_mask_ratio(args: argparse.Namespace) -> None:
 
 
 def default_names(paths: Sequence[str]) -> list[str]:
-    """File stems, or parent/stem when stems repeat (run_a/checkpoint-last.pth, run_b/checkpoint-last.pth)."""
-    stems = [Path(p).stem for p in paths]
-    if len(set(stems)) == len(stems):
-        return stems
+    """File stems; file names when stems repeat (deepmim.pth, deepmim.safetensors); parent/stem when those repeat
+    too (run_a/checkpoint-last.pth, run_b/checkpoint-last.pth)."""
+    for names in ([Path(p).stem for p in paths], [Path(p).name for p in paths]):
+        if len(set(names)) == len(names):
+            return names
     return [f"{Path(p).parent.name}/{Path(p).stem}" for p in paths]
 
 

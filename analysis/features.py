@@ -1,5 +1,5 @@
-"""Features of the encoder on unmasked images: the token features of every block and the per-head attention
-outputs, read block by block, and one vector per image from a block's tokens."""
+"""Features of the encoder on unmasked images: the token features of every block, the per-head attention outputs
+and attention maps, read block by block, and one vector per image from a block's tokens."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from models_deepmim import MaskedAutoencoderDeepMIM
+from models_vit import attention_probs
 
 TokenPooling = Literal["flatten", "mean", "cls"]
 TOKEN_POOLINGS = ("flatten", "mean", "cls")
@@ -74,6 +75,22 @@ def attention_head_outputs(model: MaskedAutoencoderDeepMIM, imgs: Tensor) -> lis
         for _ in iter_block_features(model, imgs):
             pass
     return list(outputs)
+
+
+def attention_maps(model: MaskedAutoencoderDeepMIM, imgs: Tensor) -> list[Tensor]:
+    """imgs: (N, 3, H, W) -> `depth` tensors (N, heads, 1 + L, 1 + L): each block's per-head attention probabilities
+    softmax(Q_h K_h^T / sqrt(d)) on the unmasked image (row q: where query token q attends; rows sum to 1), float32.
+    Read from each block's qkv projection (a forward hook) and `models_vit.attention_probs`."""
+    qkvs: list[Tensor] = []
+    handles = [blk.attn.qkv.register_forward_hook(lambda _module, _inputs, out: qkvs.append(out))
+               for blk in model.blocks]
+    try:
+        for _ in iter_block_features(model, imgs):
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [attention_probs(blk.attn, qkv) for blk, qkv in zip(model.blocks, qkvs, strict=True)]
 
 
 def pool_tokens(x: Tensor, pooling: TokenPooling = "flatten") -> Tensor:

@@ -1,14 +1,20 @@
-"""Attention-head diversity: cosine similarity between the outputs of the heads of one layer (paper Fig. 6).
+"""Attention-head diversity of one layer (paper Fig. 6), measured on the heads' outputs or on their attention maps.
 
-Definition used here (the paper says only "cosine similarities between different attention heads", citing [52]):
+Outputs (`HeadSimilarity`; the paper says only "cosine similarities between different attention heads", citing [52]):
 for layer l, let O_h be head h's attention output softmax(Q_h K_h^T / sqrt(d_h)) V_h — the (T, d_h) slice of the
 input of the output projection `attn.proj` — stacked over all T tokens (cls included) of all N images into one
 vector o_h of N * T * d_h numbers. The similarity of heads i and j is cos(o_i, o_j) = <o_i, o_j> / (|o_i| |o_j|),
 for every pair i < j (H (H - 1) / 2 pairs); the layer's score is the mean over pairs. Lower means more diverse.
 Identical heads score 1, heads with orthogonal outputs 0.
 
-The inner products <o_i, o_j> are sums over images, so `HeadSimilarity` accumulates one (H, H) Gram matrix per layer
-batch by batch and never holds the features of more than one batch.
+Maps (`HeadKL`): the measure of the work the paper cites for head diversity, Xie et al. [52] ("Revealing the dark
+secrets of masked image modeling", Sec. 3.2), the KL divergence between the attention distributions of two heads:
+for query token q of image n, P_h(q) = softmax(Q_h K_h^T / sqrt(d_h))[q] is a distribution over the T keys, and
+KL(i || j) is the mean over all N * T query rows of KL(P_i(q) || P_j(q)). KL is asymmetric and [52] does not say
+which direction its dots show, so each pair i < j gets the mean of both directions. Higher means more diverse;
+identical heads score 0.
+
+The sums over images are accumulated batch by batch, so neither measure holds the features of more than one batch.
 """
 
 from __future__ import annotations
@@ -48,22 +54,61 @@ def mean_pairwise(similarity: Tensor) -> Tensor:
     return pairwise_values(similarity).mean(dim=-1)
 
 
-class HeadSimilarity:
+class HeadPairSums:
+    """Per-layer (H, H) sums over the images seen, batch by batch: `update` with one batch of every layer's
+    (N, H, ...) tensors adds `batch_sum` of each; a subclass says what is summed and what `compute` returns."""
+
+    def __init__(self, num_layers: int, num_heads: int):
+        self.sums = torch.zeros(num_layers, num_heads, num_heads, dtype=torch.float64)
+        self.num_images = 0
+        self.num_rows = 0  # images x tokens
+
+    @staticmethod
+    def batch_sum(heads: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def update(self, heads_per_layer: Sequence[Tensor]) -> None:
+        if len(heads_per_layer) != self.sums.shape[0]:
+            raise ValueError(f"expected {self.sums.shape[0]} layers, got {len(heads_per_layer)}")
+        for layer, heads in enumerate(heads_per_layer):
+            self.sums[layer] += self.batch_sum(heads).cpu()
+        self.num_images += heads_per_layer[0].shape[0]
+        self.num_rows += heads_per_layer[0].shape[0] * heads_per_layer[0].shape[2]
+
+    def check_updated(self) -> None:
+        if self.num_images == 0:
+            raise RuntimeError(f"{type(self).__name__}.compute() before any update")
+
+
+class HeadSimilarity(HeadPairSums):
     """Streaming per-layer head similarity: `update` with one batch of every layer's (N, H, T, d) head outputs;
     `compute` returns (num_layers, H, H) cosine similarities over every image seen."""
 
-    def __init__(self, num_layers: int, num_heads: int):
-        self.gram = torch.zeros(num_layers, num_heads, num_heads, dtype=torch.float64)
-        self.num_images = 0
-
-    def update(self, heads_per_layer: Sequence[Tensor]) -> None:
-        if len(heads_per_layer) != self.gram.shape[0]:
-            raise ValueError(f"expected {self.gram.shape[0]} layers, got {len(heads_per_layer)}")
-        for layer, heads in enumerate(heads_per_layer):
-            self.gram[layer] += head_gram(heads).cpu()
-        self.num_images += heads_per_layer[0].shape[0]
+    batch_sum = staticmethod(head_gram)
 
     def compute(self) -> Tensor:
-        if self.num_images == 0:
-            raise RuntimeError("HeadSimilarity.compute() before any update")
-        return cosine_from_gram(self.gram)
+        self.check_updated()
+        return cosine_from_gram(self.sums)
+
+
+def head_kl_sums(maps: Tensor) -> Tensor:
+    """maps: (N, H, T, T) attention probabilities of one layer -> (H, H) float64, entry (i, j) the sum over the N * T
+    query rows of KL(P_i || P_j) (natural log)."""
+    p = maps.double()
+    log_p = p.clamp_min(torch.finfo(torch.float64).tiny).log()
+    neg_entropy = (p * log_p).sum(dim=(0, 2, 3))  # (H,): sum of P_i log P_i
+    cross = torch.einsum("nhqk,ngqk->hg", p, log_p)  # (H, H): sum of P_i log P_j
+    return neg_entropy.unsqueeze(1) - cross
+
+
+class HeadKL(HeadPairSums):
+    """Streaming per-layer KL divergence between heads' attention maps (Xie et al. [52], see the module doc):
+    `update` with one batch of every layer's (N, H, T, T) maps; `compute` returns (num_layers, H, H), symmetric,
+    zero on the diagonal."""
+
+    batch_sum = staticmethod(head_kl_sums)
+
+    def compute(self) -> Tensor:
+        self.check_updated()
+        kl = self.sums / self.num_rows
+        return (kl + kl.transpose(-1, -2)) / 2

@@ -61,6 +61,14 @@ class DemoCrops(Dataset):
         return photo.crop((left, top, left + side, top + side))
 
 
+def evenly_spaced(dataset: Dataset, num_images: int) -> Dataset:
+    """`num_images` images evenly spaced over `dataset` (all of it when it holds no more); the spacing is >= 1, so
+    there are no repeats, and on a sorted ImageFolder every class is covered."""
+    if num_images >= len(dataset):
+        return dataset
+    return Subset(dataset, torch.linspace(0, len(dataset) - 1, num_images).round().long().tolist())
+
+
 def build_image_dataset(data_path: str | None, num_images: int, input_size: int, seed: int = 0) -> Dataset:
     """A fixed set of `num_images` evaluation images: evenly spaced over the ImageFolder at `data_path` (its `val/`
     subfolder when there is one), or demo crops when data_path is None. Fewer when the folder holds fewer."""
@@ -68,20 +76,42 @@ def build_image_dataset(data_path: str | None, num_images: int, input_size: int,
         return DemoCrops(input_size, num_images, seed)
     root = Path(data_path) / "val" if (Path(data_path) / "val").is_dir() else Path(data_path)
     dataset = datasets.ImageFolder(str(root), transform=eval_transform(input_size))
-    if num_images >= len(dataset):
-        if num_images > len(dataset):
-            logger.info("%s holds %d images (< --num_images %d): using all", root, len(dataset), num_images)
-        return dataset
-    # Evenly spaced indices cover every class of a sorted ImageFolder; the spacing is >= 1, so no repeats.
-    indices = torch.linspace(0, len(dataset) - 1, num_images).round().long().tolist()
-    return Subset(dataset, indices)
+    if num_images > len(dataset):
+        logger.info("%s holds %d images (< --num_images %d): using all", root, len(dataset), num_images)
+    return evenly_spaced(dataset, num_images)
+
+
+def build_labelled_splits(data_path: str | None, num_train: int, num_val: int, input_size: int,
+                          seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Training and validation images with labels, for probes: `num_train` / `num_val` images evenly spaced over
+    `data_path`/train and `data_path`/val (ImageFolders), or with data_path None demo crops labelled by photograph
+    (`DemoCrops`): the first `num_train` crops for training, the next `num_val` for validation."""
+    if data_path is None:
+        crops = DemoCrops(input_size, num_train + num_val, seed)
+        return Subset(crops, range(num_train)), Subset(crops, range(num_train, num_train + num_val))
+    return tuple(evenly_spaced(datasets.ImageFolder(str(Path(data_path) / split), transform=eval_transform(input_size)),
+                               n) for split, n in (("train", num_train), ("val", num_val)))
+
+
+def labels_of(dataset: Dataset) -> list[int]:
+    """The label of every image of an ImageFolder, DemoCrops or a Subset of either, without reading an image."""
+    if isinstance(dataset, Subset):
+        labels = labels_of(dataset.dataset)
+        return [labels[i] for i in dataset.indices]
+    if isinstance(dataset, DemoCrops):
+        return [i % len(dataset.photos) for i in range(len(dataset))]
+    return list(dataset.targets)
+
+
+def make_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
+    """DataLoader over `dataset` in a fixed order with the `add_common_args` flags (batch size, workers, device)."""
+    return DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                      pin_memory=torch.device(args.device).type == "cuda")
 
 
 def build_image_loader(args: argparse.Namespace, input_size: int) -> DataLoader:
     """DataLoader over `build_image_dataset` for the flags of `add_common_args`, in a fixed order."""
-    dataset = build_image_dataset(args.data_path, args.num_images, input_size, args.seed)
-    return DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-                      pin_memory=torch.device(args.device).type == "cuda")
+    return make_loader(build_image_dataset(args.data_path, args.num_images, input_size, args.seed), args)
 
 
 def mask_noise(num_images: int, num_patches: int, seed: int) -> Tensor:

@@ -1,9 +1,11 @@
-"""A model from any checkpoint the analyses take, for `tools/` and the benchmarks.
+"""A model from any checkpoint the analyses take, for `tools/` and the benchmarks: the one reading path of every tool.
 
-Checkpoints written by `main_pretrain.py`, `main_finetune.py` and `main_linprobe.py` and the `.safetensors` exports
-of `tools/export_encoder.py` carry "model_cfg", from which the architecture is rebuilt; released MAE / DeepMIM files
-carry weights only, so the tools take `--model NAME` for them. The encoder analyses (CKA, head diversity) take any
-of these; reconstructions and the validation loss need a pre-training checkpoint with its decoders.
+Checkpoints written by `main_pretrain.py`, `main_finetune.py` and `main_linprobe.py`, the `.safetensors` exports of
+`tools/export_encoder.py` and its timm Hub folders (`--hub_dir`: config.json + model.safetensors) carry "model_cfg"
+(a Hub folder as timm's architecture and model_args), from which the architecture is rebuilt; released MAE / DeepMIM
+files carry weights only, so the tools take `--model NAME` for them. The encoder analyses (CKA, head diversity, block
+probes) take any of these; reconstructions and the validation loss need a pre-training checkpoint with its decoders;
+the robustness evaluation needs a classifier (`analysis.robustness.load_classifier`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -34,27 +37,59 @@ class LoadedModel(NamedTuple):
     epoch: int | None  # the checkpoint's "epoch" when it has one
 
 
-DECODER_TOOLS = ("tools/visualize.py", "tools/eval_recon_loss.py")  # need a pre-training checkpoint's decoders
-ENCODER_TOOLS = ("tools/cka.py", "tools/head_diversity.py")  # take any checkpoint that holds the encoder
+# need a pre-training checkpoint's decoders
+DECODER_TOOLS = ("tools/visualize.py", "tools/eval_recon_loss.py", "tools/export_mae.py")
+ENCODER_TOOLS = ("tools/cka.py", "tools/head_diversity.py", "tools/probe_blocks.py")  # take anything with an encoder
 CLASSIFIER_READOUT = ("head.", "fc_norm.")  # keys of a fine-tuned / probed classifier the analyses do not use
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint as a dict with "model" (and "model_cfg", "epoch" when stored): a torch file
-    (`util.checkpoint.load_checkpoint`, weights_only) or a `.safetensors` export of `tools/export_encoder.py`,
-    whose metadata holds the source's "model_cfg" as JSON. Raises ValueError naming the file when it is unreadable."""
+    """A checkpoint as a dict with "model" (and "model_cfg", "epoch" when stored), from any file or folder a tool
+    takes: a torch file (`util.checkpoint.load_checkpoint`, weights_only), a `.safetensors` export of
+    `tools/export_encoder.py`, whose metadata holds the source's "model_cfg" as JSON, or a timm Hub folder of
+    `export_encoder.py --hub_dir` (`read_hub_folder`). Raises ValueError naming the file when it is unreadable."""
+    if Path(path).is_dir():
+        return read_hub_folder(path)
     if not str(path).endswith(".safetensors"):
         return load_checkpoint(path)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            state = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (OSError, SafetensorError) as err:
-        raise ValueError(f"cannot read {path} as safetensors: {err}") from err
+    state, metadata = _read_safetensors(path)
     checkpoint: dict[str, Any] = {"model": state}
     if "model_cfg" in metadata:
         checkpoint["model_cfg"] = json.loads(metadata["model_cfg"])
     return checkpoint
+
+
+def _read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"cannot read {path} as safetensors: {err}") from err
+
+
+def read_hub_folder(folder: str | os.PathLike) -> dict[str, Any]:
+    """A timm Hub folder (config.json + model.safetensors, `timm.models.save_for_hf`, as `export_encoder.py
+    --hub_dir` writes it) as {"model", "model_cfg"}: the classifier config (`models_vit.create_classifier`'s
+    arguments) of timm's architecture and model_args. Raises ValueError naming the folder for any other folder or
+    an architecture this project does not build."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise ValueError(f"{folder} is a folder but not a timm Hub folder (config.json + model.safetensors, as "
+                         "tools/export_encoder.py --hub_dir writes it)")
+    config = json.loads((folder / "config.json").read_text())
+    names = {timm_name: name for name, timm_name in models_vit.TIMM_ARCHITECTURES.items()}
+    name, model_args = names.get(config.get("architecture")), dict(config.get("model_args") or {})
+    unknown = sorted(set(model_args) - {*models_vit.ARCH_KEYS, "img_size", "num_classes", "global_pool", "in_chans"})
+    img_size = model_args.pop("img_size", 224)
+    img_size = img_size[0] if isinstance(img_size, (list, tuple)) else img_size
+    if name is None or unknown or model_args.get("in_chans", 3) != 3:
+        raise ValueError(f"{folder}: timm architecture {config.get('architecture')!r} with model_args "
+                         f"{sorted(config.get('model_args') or {})} is not a ViT this project builds (Hub folders of "
+                         f"{', '.join(models_vit.TIMM_ARCHITECTURES.values())} written by tools/export_encoder.py)")
+    cfg = {"name": name, "img_size": img_size, **{k: model_args[k] for k in models_vit.ARCH_KEYS if k in model_args},
+           "num_classes": model_args.get("num_classes", config.get("num_classes", 1000)),
+           "global_pool": model_args.get("global_pool", config.get("global_pool", "token")) == "avg"}
+    return {"model": _read_safetensors(folder / "model.safetensors")[0], "model_cfg": cfg}
 
 
 def is_classifier_config(cfg: Mapping[str, Any]) -> bool:
@@ -141,9 +176,9 @@ def known_model_names() -> list[str]:
 
 def no_decoder_message(path: str | os.PathLike, what: str) -> str:
     """The error of a decoder tool given an encoder-only file; names the file and the tools that accept it."""
-    return (f"{path}: {what}: it holds the encoder only, no decoder. Reconstructions and the validation loss "
-            f"({', '.join(DECODER_TOOLS)}) need a pre-training checkpoint of main_pretrain.py with its decoders; "
-            f"{' and '.join(ENCODER_TOOLS)} accept encoder-only files")
+    return (f"{path}: {what}: it holds the encoder only, no decoder. Reconstructions, the validation loss and MAE's "
+            f"layout ({', '.join(DECODER_TOOLS)}) need a pre-training checkpoint of main_pretrain.py with its "
+            f"decoders; {', '.join(ENCODER_TOOLS)} accept encoder-only files")
 
 
 def _is_pos_embed(key: str) -> bool:

@@ -25,7 +25,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import timm
 import torch
 import torch.distributed as dist
 from timm.data import ImageNetInfo
@@ -39,6 +38,7 @@ from analysis.loading import is_classifier_config, read_checkpoint
 from util import cls_data, distributed
 from util.datasets import GuardedLoader
 from util.misc import MetricLogger
+from util.training import autocast_context
 
 CORRUPTION_GROUPS: dict[str, tuple[str, ...]] = {
     "noise": ("gaussian_noise", "shot_noise", "impulse_noise"),
@@ -225,13 +225,11 @@ def build_eval_set(roots: Mapping[str, str | os.PathLike | None], wnids: Sequenc
 
 
 def load_classifier(path: str | os.PathLike, model_name: str | None = None, input_size: int | None = None) -> nn.Module:
-    """A classifier in eval mode from a fine-tuned checkpoint of main_finetune.py (its "model_cfg" rebuilds it with
-    `models_vit`), a `.safetensors` export of one (tools/export_encoder.py), a released fine-tuned file without
-    model_cfg (with `model_name`, e.g. 'vit_base_patch16'), or a timm Hub folder (`export_encoder.py --hub_dir`).
-    `input_size` rebuilds it at another size (learned position embedding resampled). Raises ValueError naming the
-    file when it holds no classifier head."""
-    if Path(path).is_dir():
-        return _timm_folder_classifier(Path(path), input_size)
+    """A classifier in eval mode from anything `analysis.loading.read_checkpoint` reads: a fine-tuned checkpoint of
+    main_finetune.py or a linear probe of main_linprobe.py (their "model_cfg" rebuilds them with `models_vit`), a
+    `.safetensors` export or a timm Hub folder of one (tools/export_encoder.py), or a released fine-tuned file
+    without model_cfg (with `model_name`, e.g. 'vit_base_patch16'). `input_size` rebuilds it at another size
+    (learned position embedding resampled). Raises ValueError naming the file when it holds no classifier head."""
     checkpoint = read_checkpoint(path)
     state = models_vit.encoder_state_dict(checkpoint)
     cfg = checkpoint.get("model_cfg")
@@ -240,13 +238,14 @@ def load_classifier(path: str | os.PathLike, model_name: str | None = None, inpu
     if cfg is not None and not is_classifier_config(cfg):
         raise ValueError(f"{path} is a pre-training checkpoint (model_cfg name {cfg.get('name')!r}) without a "
                          "classifier: fine-tune it with main_finetune.py first")
-    if cfg is not None and "probe_block" in cfg:
-        raise ValueError(f"{path} is a linear probe (main_linprobe.py); Tab. 6 evaluates fine-tuned classifiers")
-    if "head.weight" not in state:
-        raise ValueError(f"{path} holds no classifier head (head.weight): an encoder-only file?")
-    cfg = dict(cfg or _released_config(state, model_name))
-    cfg["num_classes"] = state["head.weight"].shape[0]
-    model = models_vit.classifier_from_config(cfg, img_size=input_size)
+    probe = cfg is not None and models_vit.is_probe_config(cfg)
+    head = "head.1.weight" if probe else "head.weight"  # a probe's head: BatchNorm1d, then the Linear
+    if head not in state:
+        raise ValueError(f"{path} holds no classifier head ({head}): an encoder-only file?")
+    cfg = {**(cfg or _released_config(state, model_name)), "num_classes": state[head].shape[0]}
+    if input_size:
+        cfg["img_size"] = input_size
+    model = models_vit.build_probe(cfg) if probe else models_vit.classifier_from_config(cfg)
     if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
         state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(model.patch_embed.grid_size),
                                                     num_prefix_tokens=model.num_prefix_tokens)
@@ -265,16 +264,6 @@ def _released_config(state: Mapping[str, Tensor], name: str) -> dict[str, Any]:
     if "pos_embed" in state:
         cfg["img_size"] = round((state["pos_embed"].shape[1] - 1) ** 0.5) * patch
     return cfg
-
-
-def _timm_folder_classifier(folder: Path, input_size: int | None) -> nn.Module:
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} is a folder without config.json: not a timm Hub folder of export_encoder.py")
-    model = timm.create_model(f"local-dir:{folder}", pretrained=True, **({"img_size": input_size} if input_size
-                                                                           else {}))
-    if not getattr(model, "num_classes", 0):
-        raise ValueError(f"{folder} holds an encoder without a classifier head (num_classes 0)")
-    return model.eval()
 
 
 def model_input_size(model: nn.Module) -> int:
@@ -302,12 +291,12 @@ def make_loader(dataset: EvalSet, batch_size: int, num_workers: int, device: str
 
 @torch.inference_mode()
 def count_correct(models: Sequence[nn.Module], loader: DataLoader, class_mask: Tensor, device: str | torch.device,
-                  num_samples: int | None = None, print_freq: int = 200) -> Tensor:
+                  num_samples: int | None = None, amp: str = "none", print_freq: int = 200) -> Tensor:
     """(models, parts, 2) int64: top-1 correct and images per model and part, summed over ranks.
 
     Each batch is read once for all models; a part's argmax runs over the logits `class_mask` keeps for it.
     `num_samples`: count only this rank's first samples (the rest are DistributedSampler padding, see
-    `util.cls_data.real_samples_on_rank`)."""
+    `util.cls_data.real_samples_on_rank`). `amp`: the forward passes' autocast (`util.training.autocast_context`)."""
     counts = torch.zeros(len(models), class_mask.shape[0], 2, dtype=torch.int64, device=device)
     mask = class_mask.to(device)
     remaining = len(loader.dataset) if num_samples is None else num_samples
@@ -319,7 +308,9 @@ def count_correct(models: Sequence[nn.Module], loader: DataLoader, class_mask: T
         images, labels, parts = images[:n].to(device), labels[:n].to(device), parts[:n].to(device)
         seen = torch.bincount(parts, minlength=mask.shape[0])
         for i, model in enumerate(models):
-            logits = model(images).float().masked_fill(~mask[parts], float("-inf"))
+            with autocast_context(torch.device(device), amp):
+                logits = model(images)
+            logits = logits.float().masked_fill(~mask[parts], float("-inf"))
             hits = parts[logits.argmax(dim=1) == labels]
             counts[i, :, 0] += torch.bincount(hits, minlength=mask.shape[0])
             counts[i, :, 1] += seen

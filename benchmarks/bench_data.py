@@ -158,7 +158,7 @@ def fidelity(
     root: Path, input_size: int, num: int, seed: int, min_dct_scale: int | None
 ) -> tuple[float, float, dict[int, int]]:
     """Mean and min PSNR of our crops vs the reference's for identical boxes, and how often each DCT scale ran."""
-    files = sorted(root.rglob("*.jpg"))[:num]
+    files = [Path(path) for path, _ in datasets.ImageFolder(str(root)).samples[:num]]  # the images both pipelines read
     fast = fd.FastRandomResizedCrop(input_size, min_dct_scale=min_dct_scale)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)

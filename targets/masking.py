@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models_vit import attention_probs
 from targets.build import TEACHER_TARGETS, Target, TeacherTarget, check_teacher_model
 from targets.teachers import TEACHERS, FrozenTeacher, build_teacher
 from util.patches import uniform_noise
@@ -162,10 +163,7 @@ def class_token_attention(attn: nn.Module, qkv: Tensor, num_prefix_tokens: int) 
     qkv: (N, T, 3 * heads * head_dim), the block's qkv projection (T = prefix + patch tokens, class token first).
     Returns (N, T - num_prefix_tokens) in float32, each row renormalised to sum 1 over the patches.
     """
-    n, tokens, _ = qkv.shape
-    q, k, _ = qkv.float().reshape(n, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q[:, :, :1]), attn.k_norm(k)  # (N, heads, 1, d), (N, heads, T, d)
-    probs = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(dim=-1).mean(dim=1)[:, 0]  # (N, T)
+    probs = attention_probs(attn, qkv, num_queries=1).mean(dim=1)[:, 0]  # (N, T)
     patches = probs[:, num_prefix_tokens:]
     return patches / patches.sum(-1, keepdim=True)
 

@@ -23,6 +23,7 @@ from util import cls_run
 from util.amp import resolve_machine
 from util.checkpoint import load_checkpoint, save_atomic
 from util.cls_data import DigitsDemo, finetune_transform, posterize_zero_bits_black, real_samples_on_rank
+from util.training import train_epoch
 
 
 def pretrain_checkpoint(path: Path, seed: int = 0) -> Path:
@@ -169,8 +170,8 @@ def test_trainable_blocks_step_leaves_frozen_weights_bit_identical(setup, tmp_pa
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = main_finetune.build_optimizer(model, args)
     loader = DataLoader(TensorDataset(x, y, torch.zeros(4, dtype=torch.int64)), batch_size=4)  # (image, label, bad)
-    engine_finetune.train_one_epoch(model, torch.nn.CrossEntropyLoss(), loader, optimizer,
-                                    torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), 0, args)
+    step = engine_finetune.classification_step(model, torch.nn.CrossEntropyLoss(), torch.device("cpu"), args.amp)
+    train_epoch(model, loader, optimizer, torch.amp.GradScaler("cpu", enabled=False), 0, args, step)
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]) != (name in trainable), name
 

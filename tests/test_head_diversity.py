@@ -1,18 +1,30 @@
-"""Head diversity (analysis/head_diversity.py) and the feature extraction it relies on (analysis/features.py): per-head
-attention outputs and per-block token features of the unmasked encoder."""
+"""Head diversity (analysis/head_diversity.py: cosine of head outputs, KL divergence of attention maps) and the feature
+extraction it relies on (analysis/features.py): per-head attention outputs and maps and per-block token features of
+the unmasked encoder; tools/head_diversity.py --on maps|outputs."""
+
+import importlib.util
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, write_image_folder
 
 from analysis.features import (
     attention_head_outputs,
+    attention_maps,
     capture_head_outputs,
     embed_unmasked,
     encoder_block_features,
     pool_tokens,
 )
-from analysis.head_diversity import HeadSimilarity, head_cosine_similarity, mean_pairwise, pairwise_values
+from analysis.head_diversity import (
+    HeadKL,
+    HeadSimilarity,
+    head_cosine_similarity,
+    head_kl_sums,
+    mean_pairwise,
+    pairwise_values,
+)
 from models_deepmim import create_model
 
 
@@ -105,3 +117,79 @@ def test_pool_tokens():
     assert torch.equal(pool_tokens(x, "cls"), x[:, 0])
     with pytest.raises(ValueError, match="pooling must be one of"):
         pool_tokens(x, "max")
+
+
+# -- attention maps and Xie et al.'s KL divergence between heads (issue 24, item 20) ---------------------------------
+
+
+def kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    p, q = p.double().numpy(), q.double().numpy()
+    return float(np.sum(p * np.log(p / q)))
+
+
+def test_kl_between_heads_by_hand():
+    # One image, one query row, three keys: head 0 uniform, head 1 peaked, head 2 a copy of head 0.
+    rows = torch.tensor([[1 / 3, 1 / 3, 1 / 3], [0.8, 0.1, 0.1], [1 / 3, 1 / 3, 1 / 3]])
+    maps = rows.view(1, 3, 1, 3)
+    sums = head_kl_sums(maps)
+    assert sums[0, 1].item() == pytest.approx(kl(rows[0], rows[1])) and sums[0, 2].item() == pytest.approx(0.0)
+    acc = HeadKL(num_layers=1, num_heads=3)
+    acc.update([maps])
+    symmetric = acc.compute()[0]
+    assert symmetric[0, 1].item() == pytest.approx((kl(rows[0], rows[1]) + kl(rows[1], rows[0])) / 2)
+    assert torch.allclose(symmetric, symmetric.T) and torch.all(symmetric.diagonal() == 0)
+    assert pairwise_values(symmetric)[1].item() == pytest.approx(0.0)  # pair (0, 2): identical heads
+
+
+def test_kl_is_the_mean_over_query_rows_and_streams_over_batches():
+    maps = torch.softmax(torch.randn(6, 4, 5, 5) * 3, dim=-1)
+    acc = HeadKL(num_layers=1, num_heads=4)
+    acc.update([maps[:2]])
+    acc.update([maps[2:]])
+    p = maps.double()
+    by_hand = torch.stack([torch.stack([(p[:, i] * (p[:, i] / p[:, j]).log()).sum(-1).mean() for j in range(4)])
+                           for i in range(4)])
+    torch.testing.assert_close(acc.compute()[0], (by_hand + by_hand.T) / 2)
+    assert acc.num_images == 6 and acc.num_rows == 30
+    with pytest.raises(RuntimeError, match="before any update"):
+        HeadKL(1, 4).compute()
+
+
+@torch.no_grad()
+def test_attention_maps_are_the_probabilities_that_make_the_head_outputs():
+    model = tiny_model()
+    imgs = torch.randn(2, 3, 32, 32)
+    maps, heads = attention_maps(model, imgs), attention_head_outputs(model, imgs)
+    inputs = [embed_unmasked(model, imgs), *encoder_block_features(model, imgs)[:-1]]
+    for blk, x, m, out in zip(model.blocks, inputs, maps, heads, strict=True):
+        assert m.shape == (2, 4, 17, 17) and torch.allclose(m.sum(-1), torch.ones(2, 4, 17))
+        v = blk.attn.qkv(blk.norm1(x)).reshape(2, 17, 3, 4, 16)[:, :, 2].transpose(1, 2)  # (N, heads, T, d)
+        torch.testing.assert_close(m @ v, out, atol=1e-5, rtol=1e-4)
+    assert all(not blk.attn.qkv._forward_hooks for blk in model.blocks)
+
+
+def test_tool_on_maps_and_on_outputs(tmp_path):
+    spec = importlib.util.spec_from_file_location("hd_tool", ROOT / "tools" / "head_diversity.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    model = tiny_model()
+    ckpt = tmp_path / "m.pth"
+    torch.save({"model": model.state_dict(), "model_cfg": model.config}, ckpt)
+    images = write_image_folder(tmp_path / "images", num_images=6, size=40)
+    runs = {}
+    for on in ("maps", "outputs"):
+        args = tool.get_args_parser().parse_args(["--ckpt", str(ckpt), "--data_path", str(images), "--on", on,
+                                                  "--batch_size", "4", "--num_workers", "0", "--device", "cpu",
+                                                  "--output_dir", str(tmp_path / "out")])
+        runs[on] = tool.main(args)
+    dataset = tool.images.build_image_dataset(str(images), 6, 32)
+    stack = torch.stack([dataset[i][0] for i in range(6)])
+    with torch.no_grad():
+        acc = HeadKL(4, 4)
+        acc.update(attention_maps(model, stack))
+    assert runs["maps"]["checkpoints"]["m"]["mean"] == pytest.approx(mean_pairwise(acc.compute()).tolist())
+    assert runs["maps"]["on"] == "maps" and "KL" in runs["maps"]["definition"]
+    assert runs["outputs"]["on"] == "outputs" and "cosine" in runs["outputs"]["definition"]
+    assert runs["maps"]["checkpoints"]["m"]["mean"] != pytest.approx(runs["outputs"]["checkpoints"]["m"]["mean"])
+    assert (tmp_path / "out" / "head_diversity_maps.png").is_file()
+    assert (tmp_path / "out" / "head_diversity.png").is_file()

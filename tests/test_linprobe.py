@@ -23,7 +23,7 @@ def parse(*argv: str) -> argparse.Namespace:
 
 def probe(checkpoint, probe_block=None, seed=0):
     torch.manual_seed(seed)
-    return main_linprobe.build_probe({**CONFIG, "probe_block": probe_block}, checkpoint).eval()
+    return models_vit.build_probe({**CONFIG, "probe_block": probe_block}, checkpoint).eval()
 
 
 def test_head_is_batchnorm_plus_linear_and_only_it_trains(tmp_path):

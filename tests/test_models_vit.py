@@ -11,7 +11,6 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 import main_finetune
-import main_linprobe
 import models_deepmim
 import models_vit
 from util.checkpoint import load_checkpoint, save_atomic
@@ -183,5 +182,5 @@ def test_finetune_and_linprobe_log_the_load_report_once(tiny_deepmim, tmp_path, 
     caplog.clear()
     config = dict(name="vit_small_patch16", **ARCH, num_classes=3, drop_path_rate=0.0, global_pool=False)
     with caplog.at_level(logging.DEBUG):
-        main_linprobe.build_probe(config, load_checkpoint(path))
+        models_vit.build_probe(config, load_checkpoint(path))
     assert len(report_lines(caplog)) == 1, report_lines(caplog)

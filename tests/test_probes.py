@@ -1,12 +1,21 @@
 """analysis.probes: the converged logistic-regression probe picks its regularisation on held-out training data
-only, the weighted k-NN follows DINO's vote, and every block of a real encoder gets both."""
+only, the weighted k-NN follows DINO's vote, and every block of a real encoder gets both; tools/probe_blocks.py, the
+command over it, gives the same numbers and checks its data before computing anything."""
+
+import importlib.util
+import json
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, TINY, write_image_folder
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
 
-from analysis import probes
+from analysis import cli, images, probes
+from analysis.images import DemoCrops, eval_transform
 from models_deepmim import create_model
+from util.checkpoint import save_atomic
 
 
 def blobs(n_per_class: int, classes: int, dim: int, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,3 +82,88 @@ def test_standardise_uses_train_statistics(shift):
     val = np.array([[1.0, 3.0]]) + shift
     t, v = probes.standardise(train, val)
     assert np.allclose(t.mean(0), 0) and np.allclose(v, [[0.0, 2.0]])  # constant dimension: centred, not scaled
+
+
+# -- tools/probe_blocks.py: the command over this module -------------------------------------------------------------
+
+
+def probe_tool():
+    spec = importlib.util.spec_from_file_location("tool_probe_blocks", ROOT / "tools" / "probe_blocks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TOOL = probe_tool()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = create_model("deepmim_vit_small_patch16", **TINY).eval()
+    path = tmp_path_factory.mktemp("probe_tool") / "deepmim.pth"
+    save_atomic({"model": model.state_dict(), "model_cfg": model.config, "epoch": 3}, path)
+    return path, model
+
+
+def run_probe_tool(tmp_path, *argv):
+    args = TOOL.get_args_parser().parse_args(["--num_workers", "0", "--device", "cpu", "--batch_size", "8",
+                                              "--output_dir", str(tmp_path / "out"), *argv])
+    return TOOL.main(args)
+
+
+def test_probe_tool_probes_the_library_s_features_of_every_block(tiny_checkpoint, tmp_path, monkeypatch):
+    path, model = tiny_checkpoint
+    data_path = tmp_path / "data"
+    write_image_folder(data_path / "train", num_images=30, size=40, classes=3, seed=0)
+    write_image_folder(data_path / "val", num_images=9, size=40, classes=3, seed=1)
+    seen = {}
+
+    def fake_probe_blocks(train, val, seed):  # the features the tool extracted; a result per block
+        seen.update(train=train, val=val, seed=seed)
+        return [{"logreg": {"acc1": 10.0 * b}, "knn_acc1": 20.0 * b} for b in range(len(train[0]))]
+
+    monkeypatch.setattr(probes, "probe_blocks", fake_probe_blocks)
+    data = run_probe_tool(tmp_path, "--ckpt", str(path), "--names", "D", "--data_path", str(data_path),
+                          "--num_images", "30", "--num_val_images", "9", "--seed", "3")
+    for split in ("train", "val"):
+        loader = DataLoader(ImageFolder(str(data_path / split), transform=eval_transform(32)), batch_size=5)
+        feats, labels = probes.block_features(model, loader)
+        assert len(seen[split][0]) == TINY["depth"] and (seen[split][1] == labels).all()
+        for ours, theirs in zip(seen[split][0], feats, strict=True):
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    result = data["checkpoints"]["D"]
+    assert seen["seed"] == 3 and result["logreg_acc1"] == [0.0, 10.0, 20.0, 30.0] and result["knn_acc1"][-1] == 60.0
+    assert data["num_train"] == 30 and data["num_val"] == 9
+    assert json.loads((tmp_path / "out" / "probe_blocks.json").read_text())["checkpoints"]["D"]["path"] == str(path)
+    assert (tmp_path / "out" / "probe_blocks.png").stat().st_size > 0
+
+
+def test_probe_tool_on_demo_crops_labels_them_by_photograph(tiny_checkpoint, tmp_path):
+    data = run_probe_tool(tmp_path, "--ckpt", str(tiny_checkpoint[0]), "--demo_images", "--num_images", "48",
+                          "--num_val_images", "16")
+    photos = len(DemoCrops(32, 1).photos)
+    assert data["num_train"] == 48 and data["num_val"] == 16 and data["data"].startswith("demo crops")
+    blocks = data["checkpoints"]["deepmim"]["blocks"]  # the real probes, end to end
+    assert len(blocks) == TINY["depth"] and all(0 <= b["knn_acc1"] <= 100 and b["logreg"]["C"] in probes.C_GRID
+                                                for b in blocks)
+    train, val = images.build_labelled_splits(None, 48, 16, 32)
+    assert images.labels_of(val) == [i % photos for i in range(48, 64)]  # crops after the training ones
+    assert torch.equal(val[0][0], DemoCrops(32, 64)[48][0])
+
+
+@pytest.mark.parametrize("layout, argv, message", [
+    ("no val", ["--num_images", "30"], "must hold train/ and val/ ImageFolders"),
+    ("other classes", ["--num_images", "30"], "train/ and val/ hold different class folders"),
+    ("ok", ["--num_images", "4"], "--num_images 4 is too few for 3 classes"),
+    ("ok", ["--num_images", "30", "--num_val_images", "0"], "--num_val_images must be >= 1"),
+])
+def test_probe_tool_refuses_bad_data_before_any_feature(tiny_checkpoint, tmp_path, monkeypatch, layout, argv,
+                                                         message):
+    monkeypatch.setattr(probes, "block_features", lambda *a, **k: pytest.fail("features were computed"))
+    data_path = tmp_path / "data"
+    write_image_folder(data_path / "train", num_images=30, size=40, classes=3)
+    if layout != "no val":
+        write_image_folder(data_path / "val", num_images=6, size=40, classes=2 if layout == "other classes" else 3)
+    with pytest.raises(cli.UsageError, match=message):
+        run_probe_tool(tmp_path, "--ckpt", str(tiny_checkpoint[0]), "--data_path", str(data_path), *argv)

@@ -197,7 +197,7 @@ def test_bad_flags_and_class_counts(files, tmp_path):
     with pytest.raises(cli.UsageError, match=r"plain.pth has 10 outputs but the class list .*wnids11.txt.* has 11"):
         run_tool(files, tmp_path, "--ckpt", str(files["plain"]), "--imagenet_a", str(files["a"]), "--train_wnids",
                  str(wide))
-    with pytest.raises(cli.UsageError, match="--model .*unknown; allowed: vit_small_patch16"):
+    with pytest.raises(cli.UsageError, match="--model .*unknown; known: vit_small_patch16"):
         run_tool(files, tmp_path, "--ckpt", str(files["plain"]), "--imagenet_a", str(files["a"]), "--model", "vit")
 
 
@@ -285,3 +285,51 @@ def test_two_gloo_ranks_count_exactly_what_one_process_counts(files, tmp_path):
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["checkpoints"] == json.loads(json.dumps(one["checkpoints"]))
     assert result.stdout.count("IN-A top-1") == 1  # rank 0 prints the table
+
+
+# -- linear probes and --amp (issue 24, item 18) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("probe_block", [None, 1])
+def test_linear_probes_are_evaluated_with_their_batchnorm_head(files, tmp_path, probe_block):
+    torch.manual_seed(5)
+    config = dict(name="vit_small_patch16", img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
+                  num_classes=len(WNIDS), drop_path_rate=0.0, global_pool=False, probe_block=probe_block)
+    probe = models_vit.build_probe(config)
+    with torch.no_grad():  # a trained probe: non-trivial BatchNorm statistics and weights
+        probe.head[0].running_mean.normal_()
+        probe.head[0].running_var.uniform_(0.5, 2.0)
+        torch.nn.init.normal_(probe.head[1].weight)
+    probe.eval()
+    path = tmp_path / "probe.pth"
+    save_atomic({"model": probe.state_dict(), "model_cfg": probe.config, "epoch": 89}, path)  # as main_linprobe
+    loaded = robustness.load_classifier(path)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), probe(x), rtol=0, atol=0)
+    assert len(loaded.blocks) == (probe_block or 2)
+    data = run_tool(files, tmp_path / "out", "--ckpt", str(path), "--imagenet_a", str(files["a"]))
+    expected = logits_by_file(probe, files["a"])
+    restricted = [int(max(A_CLASSES, key=lambda c: float(logits[c]))) == label for logits, label in expected.values()]
+    assert data["checkpoints"]["probe"]["imagenet_a"]["correct"] == sum(restricted)
+
+
+def test_amp_runs_the_forward_passes_under_autocast(files, tmp_path, monkeypatch):
+    dtypes = []
+    real = robustness.load_classifier
+
+    def load_and_watch(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.head.register_forward_hook(lambda _module, _inputs, out: dtypes.append(out.dtype))
+        return model
+
+    monkeypatch.setattr(robustness, "load_classifier", load_and_watch)
+    flags = ["--ckpt", str(files["plain"]), "--imagenet_a", str(files["a"])]
+    full = run_tool(files, tmp_path / "fp32", *flags)
+    assert set(dtypes) == {torch.float32} and full["amp"] == "none"  # CPU default: no autocast
+    dtypes.clear()
+    bf16 = run_tool(files, tmp_path / "bf16", *flags, "--amp", "bf16")
+    assert set(dtypes) == {torch.bfloat16} and bf16["amp"] == "bf16"
+    assert bf16["checkpoints"]["plain"]["imagenet_a"]["images"] == 7
+    with pytest.raises(cli.UsageError, match="--amp fp16 needs a CUDA --device"):
+        run_tool(files, tmp_path / "fp16", *flags, "--amp", "fp16")

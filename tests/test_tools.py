@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 from timm.layers import resample_abs_pos_embed
 
-import main_linprobe
 import models_deepmim
 import models_vit
 from analysis import cli, features, images, loading
@@ -39,7 +38,7 @@ def load_tool(name: str):
     return module
 
 
-TOOLS = {name: load_tool(name) for name in ("visualize", "eval_recon_loss", "cka", "head_diversity")}
+TOOLS = {name: load_tool(name) for name in ("visualize", "eval_recon_loss", "cka", "head_diversity", "probe_blocks")}
 
 
 def save_tiny(path: Path, name: str, seed: int, epoch: int = 5, **overrides) -> MaskedAutoencoderDeepMIM:
@@ -331,7 +330,7 @@ def test_finetuned_checkpoint_gives_the_classifier_s_block_features(tmp_path, gl
 def test_encoder_tools_accept_finetuned_probed_and_exported_checkpoints(files, tmp_path):
     finetuned = tmp_path / "finetuned.pth"
     save_classifier(finetuned)
-    probe = main_linprobe.build_probe({**CLASSIFIER, "name": "vit_small_patch16", "num_classes": 3,
+    probe = models_vit.build_probe({**CLASSIFIER, "name": "vit_small_patch16", "num_classes": 3,
                                        "drop_path_rate": 0.0, "global_pool": False, "probe_block": 2},
                                       load_checkpoint(files["mae"]))
     probed = tmp_path / "probe.pth"
@@ -360,7 +359,7 @@ def test_decoder_tools_name_the_encoder_only_file(files, tmp_path, tool):
             run_tool(tool, files, tmp_path / "out", "--ckpt", str(path))
         message = str(error.value)
         assert str(path) in message and "holds the encoder only, no decoder" in message, message
-        assert "tools/cka.py and tools/head_diversity.py accept" in message
+        assert "tools/cka.py, tools/head_diversity.py, tools/probe_blocks.py accept" in message
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

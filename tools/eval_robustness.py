@@ -17,8 +17,10 @@ get fine-tuning's evaluation transform (resize to input/0.875, centre crop) at e
 --input_size); every model sees each batch of one pass over the data. Under torchrun the ranks share the images
 exactly (no padded duplicate is counted) and rank 0 writes robustness.png and robustness.json.
 
-Takes fine-tuned checkpoints of main_finetune.py, .safetensors exports of them and timm Hub folders
-(tools/export_encoder.py, --hub_dir), and released fine-tuned weights with --model (e.g. vit_base_patch16).
+Takes fine-tuned checkpoints of main_finetune.py, linear probes of main_linprobe.py (their BatchNorm + linear head,
+on the probed block), .safetensors exports and timm Hub folders of fine-tuned classifiers (tools/export_encoder.py,
+--hub_dir), and released fine-tuned weights with --model (e.g. vit_base_patch16). --amp runs the forward passes
+under autocast (default as the training scripts: bf16 on GPUs with native bf16, fp16 on older ones, none on CPU).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 import models_vit  # noqa: E402
 from analysis import cli, robustness  # noqa: E402
 from analysis.visualize import new_figure, save_figure  # noqa: E402
-from util import distributed  # noqa: E402
+from util import amp, distributed  # noqa: E402
 from util.misc import setup_logging  # noqa: E402
 
 DATASET_TITLES = {"imagenet_a": "IN-A top-1", "imagenet_r": "IN-R top-1", "imagenet_c": "IN-C mCE"}
@@ -45,14 +47,10 @@ DATASET_TITLES = {"imagenet_a": "IN-A top-1", "imagenet_r": "IN-R top-1", "image
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     group = parser.add_argument_group("classifiers")
-    group.add_argument("--ckpt", nargs="+", required=True, metavar="PATH",
-                       help="fine-tuned checkpoints (main_finetune.py), .safetensors exports or timm Hub folders "
-                            "(tools/export_encoder.py), or released fine-tuned weights with --model")
-    group.add_argument("--names", nargs="+", default=None,
-                       help="label of each classifier in the table, figure and JSON (default: the file names)")
-    group.add_argument("--model", nargs="+", default=None, metavar="NAME",
-                       help=f"classifier for files without model_cfg ({', '.join(models_vit.VIT_SIZES)}): one for "
-                            "all, or one per --ckpt")
+    cli.add_checkpoint_args(group, "fine-tuned (main_finetune.py) or linear-probe (main_linprobe.py) checkpoints, "
+                                   ".safetensors exports or timm Hub folders (tools/export_encoder.py), or released "
+                                   "fine-tuned weights with --model",
+                            f"classifier for files without model_cfg ({', '.join(models_vit.VIT_SIZES)})")
     group.add_argument("--train_wnids", default=None, metavar="FILE|DIR",
                        help="the classifier's classes in logit order: a file with one wnid a line, or the training "
                             "ImageFolder (its sub-folders, sorted); default: ImageNet-1K's 1000 sorted wnids (timm)")
@@ -68,29 +66,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--num_workers", default=8, type=int, help="data loading processes (per rank)")
     run.add_argument("--device", default=None,
                      help="cpu, cuda or cuda:N (default: cuda when available, else cpu, as the training scripts)")
+    run.add_argument("--amp", default=None, choices=amp.AMP_CHOICES,
+                     help="autocast of the forward passes (default: bf16 on GPUs with native bf16, fp16 on older "
+                          "GPUs, none on CPU, as the training scripts)")
     run.add_argument("--output_dir", default="./output_dir/analysis", help="where robustness.png and .json go")
     return parser
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Validate the flags before anything is read; fills args.names and args.device. Raises UsageError."""
-    missing = [p for p in args.ckpt if not Path(p).exists()]
-    if missing:
-        raise cli.UsageError(f"--ckpt: not found: {', '.join(missing)}")
-    args.names = args.names or cli.default_names(args.ckpt)
-    if len(args.names) != len(args.ckpt) or len(set(args.names)) != len(args.names):
-        raise cli.UsageError(f"--names needs {len(args.ckpt)} distinct labels (one per --ckpt), got {args.names}")
-    if args.model is not None:
-        if len(args.model) not in (1, len(args.ckpt)):
-            raise cli.UsageError(f"--model takes 1 name or one per --ckpt ({len(args.ckpt)}), got {len(args.model)}")
-        unknown = [m for m in args.model if m not in models_vit.VIT_SIZES]
-        if unknown:
-            raise cli.UsageError(f"--model {unknown}: unknown; allowed: {', '.join(models_vit.VIT_SIZES)}")
+    """Validate the flags before anything is read; fills args.names, args.device and args.amp. Raises UsageError."""
+    cli.check_checkpoint_args(args, tuple(models_vit.VIT_SIZES))
     for flag, value, low in (("--batch_size", args.batch_size, 1), ("--num_workers", args.num_workers, 0),
                              ("--input_size", args.input_size, 1)):
         if value is not None and value < low:
             raise cli.UsageError(f"{flag} must be >= {low}, got {value}")
     args.device = cli.resolve_device(args.device)
+    try:
+        args.amp = amp.resolve_amp(args.amp, args.device)
+    except ValueError as err:
+        raise cli.UsageError(str(err)) from None
 
 
 def load_classifiers(args: argparse.Namespace, num_classes: int) -> dict[str, torch.nn.Module]:
@@ -123,7 +117,7 @@ def evaluate(models: dict[str, torch.nn.Module], dataset: robustness.EvalSet,
     for size, names in by_size.items():
         dataset.set_input_size(size)
         loader, num_real = robustness.make_loader(dataset, args.batch_size, args.num_workers, args.device)
-        found = robustness.count_correct([models[n] for n in names], loader, mask, args.device, num_real)
+        found = robustness.count_correct([models[n] for n in names], loader, mask, args.device, num_real, args.amp)
         counts.update(zip(names, found))
     return counts
 
@@ -204,7 +198,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                       **robustness.summarize(dataset.parts, counts[name], mask)}
                for name, path in zip(args.names, args.ckpt)}
     data = {"units": "top-1 and top-1 error in %; CE and mCE in % of AlexNet's error",
-            "num_classes": len(wnids), "train_wnids": args.train_wnids or "ImageNet-1K (timm, sorted)",
+            "amp": args.amp, "num_classes": len(wnids), "train_wnids": args.train_wnids or "ImageNet-1K (timm, sorted)",
             "world_size": info.world_size, "checkpoints": results}
     if info.rank == 0:
         print(table(results))

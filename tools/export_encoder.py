@@ -14,7 +14,8 @@ pretrained_cfg with MAE's evaluation preprocessing; model.safetensors), so the f
 model hub unchanged and loaded with `timm.create_model("hf-hub:USER/NAME", pretrained=True)`.
 
 Accepts this project's pre-training, fine-tuning and linear-probing checkpoints, MAE's released
-`mae_pretrain_vit_*.pth` and the released DeepMIM checkpoints. Decoders, teachers and generators are dropped.
+`mae_pretrain_vit_*.pth` and the released DeepMIM checkpoints, and this tool's own outputs (a .safetensors file or a
+Hub folder, e.g. to turn one into the other). Decoders, teachers and generators are dropped.
 Fine-tuned checkpoints keep their head (and fc_norm when they pooled globally: load those with
 `global_pool="avg"`, and give timm the class count both as `num_classes` and in the overlay, otherwise timm discards
 a head whose size differs from its default 1000). Linear-probe heads (BatchNorm + Linear) are not timm modules and
@@ -41,19 +42,12 @@ from safetensors.torch import save_file  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 import models_vit  # noqa: E402
-from util.checkpoint import load_checkpoint  # noqa: E402
+from analysis.loading import read_checkpoint  # noqa: E402
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 logger = logging.getLogger("export_encoder")
 
 LINPROBE_HEAD_PREFIX = ("head.0.", "head.1.")  # BatchNorm1d + Linear of main_linprobe.py
-# Our classifier names -> the timm architecture with the same blocks (qkv bias, LayerNorm eps 1e-6, MLP ratio 4).
-TIMM_ARCHITECTURES = {
-    "vit_small_patch16": "vit_small_patch16_224",
-    "vit_base_patch16": "vit_base_patch16_224",
-    "vit_large_patch16": "vit_large_patch16_224",
-    "vit_huge_patch14": "vit_huge_patch14_224",
-}
 # pretrained_cfg entries of timm's default weights that do not describe ours (their source, tag and licence).
 FOREIGN_CFG_KEYS = ("url", "hf_hub_id", "hf_hub_filename", "file", "source", "tag", "license", "label_names",
                     "label_descriptions", "notes", "paper_ids", "paper_name", "origin_url")
@@ -103,7 +97,7 @@ def timm_architecture(state: Mapping[str, Tensor], model_cfg: Mapping[str, Any] 
     kwargs = dict(img_size=img, **sizes, num_heads=heads,
                   num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
                   global_pool="avg" if "fc_norm.weight" in state else "token")
-    return TIMM_ARCHITECTURES[name], kwargs
+    return models_vit.TIMM_ARCHITECTURES[name], kwargs
 
 
 def timm_call(state: Mapping[str, Tensor], out_path: str, model_cfg: Mapping[str, Any] | None = None) -> str:
@@ -149,9 +143,10 @@ def write_hub_dir(state: Mapping[str, Tensor], hub_dir: str | Path,
 
 
 def export(checkpoint_path: str, out_path: str | None, hub_dir: str | None = None) -> dict[str, Tensor]:
-    """Read `checkpoint_path` (weights_only), write its encoder to `out_path` (safetensors) and/or to `hub_dir`
-    (timm's Hub layout); return the exported state dict."""
-    checkpoint = load_checkpoint(checkpoint_path)
+    """Read `checkpoint_path` (anything `analysis.loading.read_checkpoint` reads: a checkpoint file, weights_only; a
+    .safetensors export; a Hub folder), write its encoder to `out_path` (safetensors) and/or to `hub_dir` (timm's Hub
+    layout); return the exported state dict."""
+    checkpoint = read_checkpoint(checkpoint_path)
     state = export_state_dict(checkpoint)
     model_cfg = checkpoint.get("model_cfg") or None
     if out_path:
@@ -170,7 +165,8 @@ def export(checkpoint_path: str, out_path: str | None, hub_dir: str | None = Non
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="checkpoint (.pth) of this project, MAE or the released DeepMIM")
+    parser.add_argument("checkpoint", help="checkpoint (.pth) of this project, MAE or the released DeepMIM, or an "
+                                           "export of this tool (.safetensors or Hub folder)")
     parser.add_argument("output", nargs="?", default=None, help="output .safetensors file (optional with --hub_dir)")
     parser.add_argument("--hub_dir", default=None, metavar="DIR",
                         help="also write DIR in timm's Hub layout (config.json + model.safetensors): "

@@ -106,18 +106,36 @@ def cleanup() -> None:
         logger.warning("could not destroy the process group: %s", err)
 
 
+# --dist_on_itp (MAE's OpenMPI launch): the process-group variables it reads from OpenMPI's environment.
+OMPI_VARIABLES = {"RANK": "OMPI_COMM_WORLD_RANK", "WORLD_SIZE": "OMPI_COMM_WORLD_SIZE",
+                  "LOCAL_RANK": "OMPI_COMM_WORLD_LOCAL_RANK"}
+
+
 def add_legacy_launcher_args(parser) -> None:
-    """MAE's `--local_rank` (also `--local-rank`, what `torch.distributed.launch` passes) and `--world_size`, so
-    MAE's command lines run unchanged. The environment that torchrun / SLURM set always wins."""
+    """MAE's `--local_rank` (also `--local-rank`, what `torch.distributed.launch` passes), `--world_size` and
+    `--dist_on_itp`, so MAE's command lines run unchanged. The environment that torchrun / SLURM set always wins."""
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", default=None, type=int,
                         help="GPU index on this node (torch.distributed.launch passes it; LOCAL_RANK wins)")
     parser.add_argument("--world_size", default=None, type=int,
                         help="number of processes (MAE's flag; WORLD_SIZE from the launcher wins)")
+    parser.add_argument("--dist_on_itp", action="store_true",
+                        help="MAE's flag for OpenMPI launches (mpirun, e.g. Microsoft's ITP cluster): rank, world "
+                             "size and local rank come from OMPI_COMM_WORLD_RANK/_SIZE/_LOCAL_RANK; MASTER_ADDR and "
+                             "MASTER_PORT must be set, as in MAE. Not needed under torchrun or SLURM")
 
 
 def apply_legacy_launcher_args(args) -> None:
-    """Export `--local_rank` as LOCAL_RANK when the launcher did not (torch.distributed.launch without --use-env);
-    warn when `--world_size` disagrees with the launcher's WORLD_SIZE."""
+    """With `--dist_on_itp`, export OpenMPI's rank, world size and local rank as RANK, WORLD_SIZE and LOCAL_RANK (as
+    MAE's init_distributed_mode does; ValueError naming the variables when mpirun did not set them). Export
+    `--local_rank` as LOCAL_RANK when the launcher did not (torch.distributed.launch without --use-env); warn when
+    `--world_size` disagrees with the launcher's WORLD_SIZE."""
+    if getattr(args, "dist_on_itp", False):
+        missing = [name for name in OMPI_VARIABLES.values() if name not in os.environ]
+        if missing:
+            raise ValueError(f"--dist_on_itp reads {', '.join(missing)}, which OpenMPI's mpirun sets and this "
+                             "environment lacks; launch with torchrun (or submitit_*.py on SLURM) without "
+                             "--dist_on_itp")
+        os.environ.update({ours: os.environ[theirs] for ours, theirs in OMPI_VARIABLES.items()})
     local_rank = getattr(args, "local_rank", None)
     if local_rank is not None and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(local_rank)

@@ -34,6 +34,7 @@ IGNORED_SETTINGS = frozenset({
     "num_workers", "pin_mem", "dist_url", "device", "amp",
     "ngpus", "nodes", "timeout", "partition", "use_volta32", "comment", "cluster", "max_requeues",
     "config", "print_config", "grad_ckpt", "compile", "compile_backend", "local_rank", "world_size",
+    "dist_on_itp",
 })
 #: How a fixed --global_batch_size is split over processes: not compared when the global batch is the same.
 SPLIT_OF_GLOBAL_BATCH = frozenset({"batch_size", "accum_iter"})
