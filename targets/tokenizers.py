@@ -138,6 +138,12 @@ def vqkd_encoder_weights(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def _square_grid_of(pos_embed: Tensor, expected: tuple[int, ...]) -> bool:
+    """Whether a (1, 1 + h*h, D) position embedding has the expected width D and a square grid of patches."""
+    side = round((pos_embed.shape[1] - 1) ** 0.5) if pos_embed.ndim == 3 else -1
+    return pos_embed.ndim == 3 and pos_embed.shape[::2] == (1, expected[-1]) and side * side + 1 == pos_embed.shape[1]
+
+
 def build_vqkd(path: Path, weights: Mapping[str, Tensor], *, grid_size: tuple[int, int],
                device: torch.device | str = "cpu", model_name: str | None = None) -> VQKDTokenizer:
     """A VQ-KD tokenizer from its file's tensors, strictly checked against `VQKD_LAYOUT` (every key the tokenizer
@@ -149,8 +155,8 @@ def build_vqkd(path: Path, weights: Mapping[str, Tensor], *, grid_size: tuple[in
     vocab, code_dim = tuple(codebook.shape) if has_codebook else (VQKD_VOCAB, VQKD_CODE_DIM)
     encoder = meta_vit(model_name, grid_size, num_classes=0, global_pool="avg")  # avg pool: the final norm is fc_norm
     expected = vqkd_layout(encoder, vocab, code_dim)
-    pos_key = "encoder.pos_embed"  # its grid may differ from the student's: resampled below, only the width counts
-    if pos_key in used and used[pos_key].shape[-1] == expected[pos_key][-1]:
+    pos_key = "encoder.pos_embed"  # any square grid of the right width: resampled to the student's grid below
+    if pos_key in used and _square_grid_of(used[pos_key], expected[pos_key]):
         expected[pos_key] = tuple(used[pos_key].shape)
     problems = key_mismatches(expected, used)
     if problems:

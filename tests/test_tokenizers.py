@@ -89,5 +89,11 @@ def test_codebook_file_of_another_tokenizer_is_refused_naming_the_missing_keys(t
     with pytest.raises(ValueError, match=r"wrong shape: encode_task_layer\.2\.bias \(8,\) vs \(4,\)"):
         build_tokenizer(tmp_path / "narrow.pth", grid_size=(4, 4), model_name="test_vit")
 
+    odd_grid = vqkd_state()  # 17 patch positions: no square grid to resample from
+    odd_grid["encoder.pos_embed"] = torch.randn(1, 18, 64)
+    torch.save(odd_grid, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match=r"odd\.pth .*wrong shape: encoder\.pos_embed \(1, 18, 64\) vs \(1, 17, 64\)"):
+        build_tokenizer(tmp_path / "odd.pth", grid_size=(4, 4), model_name="test_vit")
+
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         build_tokenizer(tmp_path / "nowhere.pth", grid_size=(4, 4))
