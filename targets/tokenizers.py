@@ -27,6 +27,7 @@ available to us), so there is nothing to check a file against. A new tokenizer i
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -94,9 +95,9 @@ class VQKDTokenizer:
     @torch.no_grad()
     def __call__(self, imgs: Tensor) -> Tensor:
         features = self.encoder(imgs)  # (N, L, D) float32, after fc_norm
-        with torch.autocast(features.device.type, enabled=False):  # the release projects in float32
+        with torch.autocast(features.device.type, enabled=False):  # projection and search in float32, as released
             z = self.projection(features)
-        return nearest_code(z.flatten(0, 1), self.codebook).view(z.shape[:2])
+            return nearest_code(z.flatten(0, 1), self.codebook).view(z.shape[:2])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -138,10 +139,11 @@ def vqkd_encoder_weights(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _square_grid_of(pos_embed: Tensor, expected: tuple[int, ...]) -> bool:
-    """Whether a (1, 1 + h*h, D) position embedding has the expected width D and a square grid of patches."""
-    side = round((pos_embed.shape[1] - 1) ** 0.5) if pos_embed.ndim == 3 else -1
-    return pos_embed.ndim == 3 and pos_embed.shape[::2] == (1, expected[-1]) and side * side + 1 == pos_embed.shape[1]
+def _square_grid_of(pos_embed: Tensor, width: int) -> bool:
+    """Whether a position embedding is (1, 1 + h * h, width): a class token and a square grid of patches."""
+    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1 or pos_embed.shape[2] != width or pos_embed.shape[1] < 2:
+        return False
+    return math.isqrt(pos_embed.shape[1] - 1) ** 2 == pos_embed.shape[1] - 1
 
 
 def build_vqkd(path: Path, weights: Mapping[str, Tensor], *, grid_size: tuple[int, int],
@@ -156,7 +158,7 @@ def build_vqkd(path: Path, weights: Mapping[str, Tensor], *, grid_size: tuple[in
     encoder = meta_vit(model_name, grid_size, num_classes=0, global_pool="avg")  # avg pool: the final norm is fc_norm
     expected = vqkd_layout(encoder, vocab, code_dim)
     pos_key = "encoder.pos_embed"  # any square grid of the right width: resampled to the student's grid below
-    if pos_key in used and _square_grid_of(used[pos_key], expected[pos_key]):
+    if pos_key in used and _square_grid_of(used[pos_key], encoder.embed_dim):
         expected[pos_key] = tuple(used[pos_key].shape)
     problems = key_mismatches(expected, used)
     if problems:

@@ -57,6 +57,8 @@ def test_codebook_vqkd_file_with_the_release_keys_gives_the_releases_tokens(tmp_
     assert ids.dtype == torch.int64 and ids.shape == (3, 16) and not ids.requires_grad
     assert torch.equal(ids, reference_vqkd_tokens(vqkd_state(), pixels.float() / 255))
     assert len(ids.unique()) > 1  # a test on a constant output would prove little
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's autocast reaches neither projection nor search
+        assert torch.equal(tokenizer(imgs), ids)
     assert all(not p.requires_grad for p in (*tokenizer.encoder.model.parameters(), *tokenizer.projection.parameters()))
 
 
