@@ -49,17 +49,23 @@ MaskNoiseFn = Callable[..., Tensor]
 
 
 def compute_targets(targets_fn: TargetsFn | None, imgs: Tensor, noise: Tensor) -> Any:
-    """Every reconstruction target (HOG, teacher features, the DeepMIM+ blend of Eq. 1) is computed here, in float32
-    with autocast off, whatever region the caller is in: frozen teachers and the generator open their own autocast
-    for their forward pass, and their outputs are cast back to float32. None (pixel targets) lets the model compute
-    them, also in float32 (`MaskedAutoencoderDeepMIM.pixel_targets`)."""
+    """Every reconstruction target (HOG, teacher features, codebook ids, the DeepMIM+ blend of Eq. 1) is computed
+    here, in float32 with autocast off, whatever region the caller is in: frozen teachers, tokenizers and the
+    generator open their own autocast for their forward pass, and floating-point outputs are cast back to float32
+    (integer ones, the codebook's token ids, are exact in any precision and stay integers). None (pixel targets) lets
+    the model compute them, also in float32 (`MaskedAutoencoderDeepMIM.pixel_targets`)."""
     if targets_fn is None:
         return None
     with torch.autocast(imgs.device.type, enabled=False):
         targets = targets_fn(imgs.float(), noise)
     if isinstance(targets, Tensor):
-        return targets.float()
-    return {block: target.float() for block, target in targets.items()}
+        return _full_precision(targets)
+    return {block: _full_precision(target) for block, target in targets.items()}
+
+
+def _full_precision(target: Tensor) -> Tensor:
+    """float32 for values (a frozen net's autocast may hand back bf16 / fp16); integer ids unchanged."""
+    return target.float() if target.is_floating_point() else target
 
 
 def train_one_epoch(

@@ -95,11 +95,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     target = parser.add_argument_group("Targets (paper Eq. 1, Tab. 7, 9, 11)")
     target.add_argument("--target", default="pixel", choices=TARGETS,
-                        help="what the decoders reconstruct: pixels, HOG, or CLIP / DINO teacher features")
+                        help="what the decoders reconstruct: pixels, HOG, CLIP / DINO teacher features, or the "
+                             "codes of a frozen tokenizer (codebook: V logits per patch, cross-entropy)")
     target.add_argument("--teacher_path", default=None, type=str,
-                        help="local weights of the CLIP (OpenAI ViT-B-16.pt or safetensors) or DINO teacher")
+                        help="local weights of the CLIP (OpenAI ViT-B-16.pt or safetensors) or DINO teacher, or of "
+                             "the codebook's tokenizer (BEiT v2's VQ-KD)")
     target.add_argument("--teacher_model", default=None, type=str,
-                        help="timm architecture of that teacher (default ViT-B/16 of the kind); the file must match")
+                        help="timm architecture of that teacher or tokenizer encoder (default ViT-B/16 of the kind); "
+                             "the file must match")
     target.add_argument("--hybrid_generator", default=None, type=str,
                         help="DeepMIM+: a pre-trained MAE checkpoint (with decoder) that reconstructs x_hat")
     target.add_argument("--hybrid_alphas", default=None, type=float, nargs="+",
@@ -224,11 +227,12 @@ def _validate_blocks(args: argparse.Namespace) -> None:
 
 
 def _validate_targets(args: argparse.Namespace, patch_size: int) -> None:
+    if args.hybrid_generator and args.target != "pixel":  # first, so that the message names both flags
+        why = "; token ids are discrete and cannot be blended" if args.target == "codebook" else ""
+        raise ValueError(f"--hybrid_generator blends reconstructed pixels (paper Eq. 1: a x + (1 - a) x_hat) and "
+                         f"needs --target pixel, got --target {args.target}{why}")
     check_target_args(args.target, args.teacher_path, patch_size, args.teacher_model)
     masking.mask_teacher_from_args(args)
-    if args.hybrid_generator and args.target != "pixel":
-        raise ValueError(f"--hybrid_generator blends reconstructed pixels (paper Eq. 1) and needs --target pixel, "
-                         f"got --target {args.target}")
     depth = models_deepmim.encoder_depth(args.model, args.depth)
     check_hybrid_args(args.hybrid_generator, args.hybrid_alphas, args.supervised_blocks or
                       default_blocks(args.model, depth))

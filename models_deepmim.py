@@ -38,7 +38,7 @@ from util.patches import (
 
 logger = logging.getLogger(__name__)
 
-LossType = Literal["mse", "cosine"]
+LossType = Literal["mse", "cosine", "cross_entropy"]
 SHARED_KEY = "shared"
 
 
@@ -48,17 +48,21 @@ SHARED_KEY = "shared"
 
 
 def reconstruction_loss(pred: Tensor, target: Tensor, loss_type: LossType = "mse") -> Tensor:
-    """Mean loss over the masked patches. pred, target: (N, L_m, C).
+    """Mean loss over the masked patches. pred: (N, L_m, C); target: (N, L_m, C), or (N, L_m) code ids.
 
     mse: MAE's per-patch mean squared error, averaged over patches (Eq. 2's l2 term).
     cosine: 2 - 2 cos(pred, target) per patch, the loss of the released DeepMIM-CLIP code.
+    cross_entropy: C = V logits per patch against its code id (Tab. 11 codebook; BEiT's masked token prediction).
     """
-    pred, target = pred.float(), target.float()
+    pred = pred.float()
+    if loss_type == "cross_entropy":
+        return F.cross_entropy(pred.flatten(0, 1), target.flatten())
+    target = target.float()
     if loss_type == "mse":
         return (pred - target).pow(2).mean()
     if loss_type == "cosine":
         return (2 - 2 * F.cosine_similarity(pred, target, dim=-1)).mean()
-    raise ValueError(f"loss_type must be 'mse' or 'cosine', got {loss_type!r}")
+    raise ValueError(f"loss_type must be 'mse', 'cosine' or 'cross_entropy', got {loss_type!r}")
 
 
 def default_supervised_blocks(depth: int) -> tuple[int, ...]:
@@ -143,7 +147,7 @@ class MaskedAutoencoderDeepMIM(nn.Module):
         loss_weights: per-decoder weights of Eq. 2, default 1 each.
         norm_pix_loss: per-patch normalised pixel targets when no targets are given to `forward`.
         pred_dim: width of each prediction head; default p*p*3 pixels. Other targets (HOG, CLIP) set it.
-        loss_type: 'mse' (pixels, HOG) or 'cosine' (teacher features).
+        loss_type: 'mse' (pixels, HOG), 'cosine' (teacher features) or 'cross_entropy' (codebook ids).
     """
 
     def __init__(
@@ -269,8 +273,8 @@ class MaskedAutoencoderDeepMIM(nn.Module):
     ) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor], Tensor]:
         """One DeepMIM step.
 
-        imgs: (N, 3, H, W). noise: (N, L) masking noise (drawn here when None). targets: (N, L, C) shared by every
-        decoder, or {block: (N, L, C)} per decoder (hybrid targets, Eq. 1); pixel targets when None.
+        imgs: (N, 3, H, W). noise: (N, L) masking noise (drawn here when None). targets: (N, L, C) (or (N, L) code
+        ids) shared by every decoder, or {block: (N, L, C)} per decoder (hybrid targets, Eq. 1); pixels when None.
 
         Returns total loss (Eq. 2: weighted sum), {block: loss}, {block: pred (N, L_m, C) for the masked patches in
         ascending position order, see `scatter_masked`}, mask (N, L) with 1 = removed.

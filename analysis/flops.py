@@ -8,7 +8,8 @@ softmax, GELU, gathers and the loss are left out (a few % of a ViT). The count f
 - each decoder: embedding of the 1 + L_vis encoder tokens, blocks on all 1 + L tokens, prediction head on the L_m
   masked tokens only (`Decoder(ids_predict=...)`);
 - frozen parts, once per batch for all decoders: a teacher ViT (CLIP / DINO) on all 1 + L tokens plus its
-  per-token projection; the DeepMIM-dagger generator = an MAE forward whose head predicts all L patches.
+  per-token projection; a codebook's VQ-KD tokenizer: its ViT, the projection of the L patch tokens and their
+  similarity to every code; the DeepMIM-dagger generator = an MAE forward whose head predicts all L patches.
 
 A training step costs 3x the forward of the trained parts (backward = 2x forward) plus 1x the frozen forwards.
 (The patch embedding computes no gradient for the images, so the true backward is 2 L p^2 3 D FLOPs per image
@@ -102,16 +103,29 @@ def vit_forward_flops(vit: nn.Module, project: bool = False) -> int:
     return flops
 
 
+def tokenizer_forward_flops(tokenizer: object) -> int:
+    """Per-image forward of a VQ-KD tokenizer (`targets.tokenizers.VQKDTokenizer`): encoder ViT, the projection of
+    every patch token, and each projected token against every code (one (L, D) x (D, V) product)."""
+    vit = tokenizer.encoder.model
+    num_patches = vit.patch_embed.num_patches
+    projection = sum(linear_flops(num_patches, m) for m in tokenizer.projection.modules() if isinstance(m, nn.Linear))
+    return vit_forward_flops(vit) + projection + 2 * num_patches * tokenizer.codebook.numel()
+
+
 def frozen_forward_flops(
     target: object | None = None, generator: object | None = None, mask_ratio: float = 0.75
 ) -> int:
-    """Per-image FLOPs of the frozen work done once per batch: a teacher target (`targets.build.TeacherTarget`) and/or
-    a DeepMIM-dagger generator (`targets.hybrid.HybridGenerator`: encoder + last decoder predicting all patches).
-    Pixel and HOG targets count as 0 (no matrix multiplies)."""
+    """Per-image FLOPs of the frozen work done once per batch: a teacher target (`targets.build.TeacherTarget`) or a
+    codebook's tokenizer (`targets.build.CodebookTarget`), and/or a DeepMIM-dagger generator
+    (`targets.hybrid.HybridGenerator`: encoder + last decoder predicting all patches). Pixel and HOG targets count
+    as 0 (no matrix multiplies)."""
     flops = 0
     teacher = getattr(target, "teacher", None)
     if teacher is not None:
         flops += vit_forward_flops(teacher.model, project=teacher.project)
+    tokenizer = getattr(target, "tokenizer", None)
+    if tokenizer is not None:
+        flops += tokenizer_forward_flops(tokenizer)
     if generator is not None:
         gen = generator.model
         parts = mim_forward_flops(gen, mask_ratio, predict_all=True)

@@ -14,8 +14,8 @@ measured in the same run with large square matmuls.
     # the options: --attn sdpa|math, --adamw foreach|fused
     # where the time goes (torch.profiler, one step of the first configuration)
     python benchmarks/bench_pretrain.py --model deepmim_vit_base_patch16 --batch_size 16 --amp bf16 --profile
-    # per target (CLIP / DINO teachers with random weights: same cost as the real ones)
-    python benchmarks/bench_pretrain.py --model deepmim_vit_base_patch16 --target pixel hog clip dino
+    # per target (CLIP / DINO teachers and the codebook's VQ-KD tokenizer with random weights: the real ones' cost)
+    python benchmarks/bench_pretrain.py --model deepmim_vit_base_patch16 --target pixel hog clip dino codebook
     # one GPU: see benchmarks/gpu_check.sh
 
 On a CPU shared with other jobs add `--threads 1`: with more threads than free cores every parallel region waits
@@ -53,7 +53,7 @@ from analysis import flops  # noqa: E402
 from engine_pretrain import train_one_epoch  # noqa: E402
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}
-TARGETS = ("pixel", "hog", "clip", "dino")
+TARGETS = ("pixel", "hog", "clip", "dino", "codebook")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -64,7 +64,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp", default="bf16", choices=tuple(AMP_DTYPES), help="autocast dtype ('none': float32)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (compile time excluded)")
     parser.add_argument("--target", default=["pixel"], nargs="+", choices=TARGETS,
-                        help="reconstruction targets to time (clip/dino: randomly initialised teachers, same cost)")
+                        help="reconstruction targets to time (clip/dino/codebook: randomly initialised teachers "
+                             "and tokenizer, same cost)")
     parser.add_argument("--hybrid", action="store_true",
                         help="also time DeepMIM-dagger (a frozen ViT-B MAE generator, Eq. 1) for each DeepMIM model")
     parser.add_argument("--device", default=None, type=str, help="cpu or cuda (default: cuda when available)")
@@ -190,6 +191,24 @@ def build_teacher_target(name: str, grid: tuple[int, int], device: torch.device,
     return TeacherTarget(name, FrozenTeacher(vit.to(device), mean=spec.mean, std=spec.std, project=spec.project))
 
 
+def build_codebook_target(grid: tuple[int, int], device: torch.device, attn: str):
+    """BEiT v2's VQ-KD tokenizer with random weights: ViT-B/16 encoder, 768 -> 768 -> 32 projection, 8,192 codes."""
+    import timm
+
+    from targets.build import CodebookTarget
+    from targets.teachers import FrozenTeacher
+    from targets.tokenizers import VQKD_CODE_DIM, VQKD_ENCODER, VQKD_MEAN, VQKD_STD, VQKD_VOCAB, VQKDTokenizer
+
+    vit = timm.create_model(VQKD_ENCODER, pretrained=False, num_classes=0, global_pool="avg",
+                            img_size=(grid[0] * 16, grid[1] * 16))
+    set_attention(vit, attn)
+    width = vit.embed_dim
+    projection = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(),
+                                     torch.nn.Linear(width, VQKD_CODE_DIM))
+    encoder = FrozenTeacher(vit.to(device), mean=VQKD_MEAN, std=VQKD_STD, project=False)
+    return CodebookTarget(VQKDTokenizer(encoder, projection, torch.randn(VQKD_VOCAB, VQKD_CODE_DIM)))
+
+
 def build_generator(student: models_deepmim.MaskedAutoencoderDeepMIM, args, device: torch.device):
     """DeepMIM-dagger's frozen MAE (ViT-B encoder, 8-block decoder) for the student's grid; random weights."""
     from targets.hybrid import HybridGenerator
@@ -242,6 +261,8 @@ def run_config(
         target = HogTarget(patch)
     elif target_name in ("clip", "dino"):
         target = build_teacher_target(target_name, grid, device, args.attn)
+    elif target_name == "codebook":
+        target = build_codebook_target(grid, device, args.attn)
     pred_dim = None if target is None else target.pred_dim
     loss_type = None if target is None or target.loss_type == "mse" else target.loss_type
     model = models_deepmim.create_model(name, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,

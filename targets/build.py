@@ -1,8 +1,9 @@
 """What each decoder reconstructs: one small target class per kind behind one interface (paper Tab. 2, Tab. 11).
 
-A target maps a batch of ImageNet-normalised images (N, 3, H, W) to per-patch targets (N, L, C) on the student's
-patch grid, under `torch.no_grad()`, and says how wide the decoders' prediction heads must be (`pred_dim` = C) and
-which loss compares them (`loss_type`, see `models_deepmim.reconstruction_loss`):
+A target maps a batch of ImageNet-normalised images (N, 3, H, W) to per-patch targets on the student's patch grid,
+under `torch.no_grad()`: float32 values (N, L, C), or int64 code ids (N, L) for the codebook, and says how wide the
+decoders' prediction heads must be (`pred_dim` = C, or the V logits of a codebook) and which loss compares them
+(`loss_type`, see `models_deepmim.reconstruction_loss`):
 
 | target | C (ViT-B/16)      | loss        | source                                                        |
 |--------|-------------------|-------------|---------------------------------------------------------------|
@@ -10,8 +11,10 @@ which loss compares them (`loss_type`, see `models_deepmim.reconstruction_loss`)
 | hog    | 108               | mse         | MaskFeat's HOG (targets/hog.py)                                  |
 | clip   | 512               | cosine      | frozen CLIP ViT-B/16 tokens after ln_post @ proj (targets/teachers.py) |
 | dino   | 768               | cosine      | frozen DINO ViT-B/16 tokens after the final norm              |
+| codebook | 8192 (V logits) | cross_entropy | a frozen tokenizer's code per patch (targets/tokenizers.py) |
 
-The cosine loss is 2 - 2 cos per masked token, what the released DeepMIM-CLIP code optimises.
+The cosine loss is 2 - 2 cos per masked token, what the released DeepMIM-CLIP code optimises; the cross-entropy is
+BEiT's masked token prediction, with every supervised decoder predicting the same tokens.
 """
 
 from __future__ import annotations
@@ -27,15 +30,17 @@ from torch import Tensor
 from models_deepmim import LossType
 from targets.hog import HOG_CELL, hog_dim, hog_targets
 from targets.teachers import FrozenTeacher, build_teacher
+from targets.tokenizers import Tokenizer, build_tokenizer
 from util.datasets import imagenet_mean_std
 from util.patches import normalize_patches, patchify
 
-TARGETS = ("pixel", "hog", "clip", "dino")
-TEACHER_TARGETS = ("clip", "dino")
+TARGETS = ("pixel", "hog", "clip", "dino", "codebook")
+TEACHER_TARGETS = ("clip", "dino", "codebook")  # the targets that read --teacher_path / --teacher_model
 
 
 class Target(Protocol):
-    """imgs (N, 3, H, W), ImageNet-normalised -> targets (N, L, pred_dim), no gradient."""
+    """imgs (N, 3, H, W), ImageNet-normalised -> targets (N, L, pred_dim) float32, or code ids (N, L) int64 when
+    loss_type is 'cross_entropy' (pred_dim = V); no gradient."""
 
     name: str
     pred_dim: int
@@ -99,6 +104,21 @@ class TeacherTarget:
         return self.teacher(imgs)
 
 
+class CodebookTarget:
+    """Discrete visual tokens of a frozen tokenizer (Tab. 11 "Perceptual Codebook"): one code id per patch, which
+    each decoder predicts as V logits under a cross-entropy loss (BEiT's masked token prediction)."""
+
+    name = "codebook"
+    loss_type: LossType = "cross_entropy"
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.pred_dim = tokenizer.vocab_size
+
+    def __call__(self, imgs: Tensor) -> Tensor:
+        return self.tokenizer(imgs)
+
+
 def check_teacher_model(flag: str, name: str | None) -> None:
     """Raise ValueError naming `flag` unless `name` is None or a timm architecture."""
     if name is not None and not timm.is_model(name):
@@ -111,7 +131,7 @@ def check_target_args(
 ) -> None:
     """Validate `--target` / `--teacher_path` / `--teacher_model` (and the patch size HOG needs) before any compute.
 
-    Raises ValueError naming the flag: unknown target (with the allowed values); clip/dino without
+    Raises ValueError naming the flag: unknown target (with the allowed values); clip/dino/codebook without
     `--teacher_path` or with a path that is not a file; `--teacher_path` or `--teacher_model` given for a target
     that reads no teacher, or a `--teacher_model` timm does not know; HOG with a patch size that is not a multiple
     of its 8-pixel cell.
@@ -120,7 +140,9 @@ def check_target_args(
         raise ValueError(f"--target {target!r} is unknown; choose one of {', '.join(TARGETS)}")
     if target in TEACHER_TARGETS:
         if not teacher_path:
-            raise ValueError(f"--target {target} needs --teacher_path (a local {target.upper()} weight file)")
+            what = "weight file of the tokenizer (BEiT v2's VQ-KD)" if target == "codebook" else \
+                f"{target.upper()} weight file"
+            raise ValueError(f"--target {target} needs --teacher_path (a local {what})")
         if not Path(teacher_path).is_file():
             raise ValueError(f"--teacher_path {teacher_path} does not exist or is not a file")
     else:
@@ -144,9 +166,10 @@ def build_target(
 ) -> Target:
     """Build the target named by `--target`.
 
-    norm_pix_loss applies to pixel targets only. teacher_path: the clip/dino weight file. teacher_model: a timm
-    architecture replacing the teacher's default (`vit_base_patch16_clip_quickgelu_224` / `vit_base_patch16_224`),
-    e.g. a ViT-L CLIP, or a tiny ViT in tests; the file must match it.
+    norm_pix_loss applies to pixel targets only. teacher_path: the clip/dino weight file, or the codebook's
+    tokenizer file. teacher_model: a timm architecture replacing the teacher's (or the tokenizer's encoder's) default
+    (`vit_base_patch16_clip_quickgelu_224` / `vit_base_patch16_224`), e.g. a ViT-L CLIP, or a tiny ViT in tests; the
+    file must match it.
     """
     check_target_args(name, teacher_path, patch_size)
     if img_size % patch_size:
@@ -156,5 +179,7 @@ def build_target(
     if name == "hog":
         return HogTarget(patch_size)
     grid = (img_size // patch_size, img_size // patch_size)
+    if name == "codebook":
+        return CodebookTarget(build_tokenizer(teacher_path, grid_size=grid, device=device, model_name=teacher_model))
     teacher = build_teacher(name, teacher_path, grid_size=grid, device=device, model_name=teacher_model)
     return TeacherTarget(name, teacher)

@@ -25,7 +25,9 @@ token's row is computed here from the last block's qkv projection of that block'
 hook: no second pass through the block): softmax(q_cls k^T * scale) per head, in float32.
 
 When the reconstruction target is the same teacher (same kind, file and architecture), ONE teacher forward per
-batch gives the target features and the attention (`TeacherPass` caches the batch's result).
+batch gives the target features and the attention (`TeacherPass` caches the batch's result). A codebook target's
+tokenizer is never the masking teacher: MILAN weighs patches by a CLIP / DINO class token, so a codebook run with
+semantic-aware masking names its own (--mask_teacher, --mask_teacher_path) and pays its forward too.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models_vit import attention_probs
-from targets.build import TEACHER_TARGETS, Target, TeacherTarget, check_teacher_model
+from targets.build import Target, TeacherTarget, check_teacher_model
 from targets.teachers import TEACHERS, FrozenTeacher, build_teacher
 from util.patches import uniform_noise
 
@@ -264,7 +266,7 @@ def resolve_mask_teacher(
         if given:
             raise ValueError(f"{', '.join(given)}: only read by --mask_strategy semantic_aware (got random)")
         return None
-    kind = mask_teacher or (target if target in TEACHER_TARGETS else None)
+    kind = mask_teacher or (target if target in TEACHERS else None)  # a codebook's tokenizer is no CLIP / DINO
     if kind not in TEACHERS:
         raise ValueError(f"--mask_strategy semantic_aware needs --mask_teacher (one of {', '.join(TEACHERS)}; "
                          f"pre-training defaults it to a clip / dino --target, not {target}) and --mask_teacher_path: "

@@ -45,7 +45,7 @@ import torch.jit._pickle
 import torch.nn.functional as F
 from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-from torch import Tensor
+from torch import Tensor, nn
 
 from util.amp import autocast_dtype_for
 from util.checkpoint import load_checkpoint
@@ -251,7 +251,8 @@ class FrozenTeacher:
     """A frozen timm ViT mapping ImageNet-normalised images to per-patch features on the student's grid.
 
     Call: imgs (N, 3, H, W), ImageNet-normalised -> (N, L, out_dim) float32, cls token dropped, row-major patch
-    order (as `patchify`).
+    order (as `patchify`). Tokens are taken after the model's final norm: timm's `norm` before pooling, or its
+    `fc_norm` for a mean-pooled ViT (`global_pool='avg'`, BEiT's layout, e.g. the VQ-KD tokenizer's encoder).
     """
 
     def __init__(
@@ -289,6 +290,7 @@ class FrozenTeacher:
             x = F.interpolate(x, size=self.input_size, mode="bicubic", align_corners=False, antialias=True)
         with frozen_autocast(x.device):
             tokens = self.model.forward_features(x)[:, self.model.num_prefix_tokens:]
+            tokens = getattr(self.model, "fc_norm", nn.Identity())(tokens)  # a mean-pooled ViT's final norm
             if self.project:
                 tokens = self.model.head(tokens)  # CLIP's projection on every token (released DeepMIM code)
         return tokens.float()
@@ -310,20 +312,43 @@ def _describe(keys: list[str], limit: int = 8) -> str:
     return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
 
 
+def key_mismatches(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str, Tensor]) -> list[str]:
+    """What keeps a file from loading into a network with `expected` {key: shape}: 'missing: ...', 'unexpected:
+    ...', 'wrong shape: ...' (empty when it fits exactly)."""
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    mismatched = sorted(f"{k} {tuple(weights[k].shape)} vs {tuple(expected[k])}"
+                        for k in set(expected) & set(weights) if tuple(expected[k]) != tuple(weights[k].shape))
+    return [f"{name}: {_describe(keys)}" for name, keys in
+            (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)) if keys]
+
+
 def _check_layout(path: Path, kind: str, model_name: str, model: VisionTransformer, weights: Mapping) -> None:
     """Raise ValueError naming the file, the expected layout and the keys that do not match."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    mismatched = sorted(f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}"
-                        for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
-    if missing or unexpected or mismatched:
-        problems = [f"{name}: {_describe(keys)}" for name, keys in
-                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)) if keys]
+    problems = key_mismatches({k: tuple(v.shape) for k, v in model.state_dict().items()}, weights)
+    if problems:
         raise ValueError(
             f"--teacher_path {path} does not match the {kind} teacher (timm {model_name!r}); expected "
             f"{TEACHERS[kind].layout}. Keys that did not match: {'; '.join(problems)}"
         )
+
+
+def meta_vit(model_name: str, grid_size: tuple[int, int], **kwargs: Any) -> VisionTransformer:
+    """The timm ViT `model_name` on the meta device (no memory, no initialisation), built for images of
+    `grid_size` times its patch size, so that its token grid is `grid_size`."""
+    with torch.device("meta"):
+        patch = timm.create_model(model_name, pretrained=False).patch_embed.patch_size
+        img_size = (grid_size[0] * patch[0], grid_size[1] * patch[1])
+        return timm.create_model(model_name, pretrained=False, img_size=img_size, **kwargs)
+
+
+def assign_weights(model: VisionTransformer, weights: Mapping[str, Tensor], model_name: str,
+                   device: torch.device | str) -> VisionTransformer:
+    """Load checked `weights` into a meta-device `model` as float32 (fp16 files too) and move it to `device`."""
+    model.load_state_dict({k: v.float() for k, v in weights.items()}, assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise ValueError(f"timm {model_name!r} holds tensors that no weight file provides; it cannot be a teacher")
+    return model.to(device)
 
 
 def build_teacher(
@@ -345,20 +370,15 @@ def build_teacher(
     model_name = model_name or spec.model
     weights = load_teacher_weights(path)
     num_classes = (_projection_dim(weights) or CLIP_PROJ_DIM) if spec.project else 0
-    with torch.device("meta"):  # no memory, no initialisation: every tensor comes from the file
-        patch = timm.create_model(model_name, pretrained=False).patch_embed.patch_size
-        img_size = (grid_size[0] * patch[0], grid_size[1] * patch[1])
-        model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, img_size=img_size)
+    model = meta_vit(model_name, grid_size, num_classes=num_classes)  # every tensor comes from the file
     try:
         converted = checkpoint_filter_fn(dict(weights), model)  # OpenAI/open_clip -> timm keys; resamples pos_embed
     except Exception as err:  # the converter assumes a well-formed layout and fails in many ways otherwise
         raise ValueError(f"--teacher_path {path} cannot be converted to the {kind} layout ({spec.layout}): "
                          f"{type(err).__name__}: {err}") from err
     _check_layout(path, kind, model_name, model, converted)
-    model.load_state_dict({k: v.float() for k, v in converted.items()}, assign=True)  # fp16 files -> fp32
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        raise ValueError(f"timm {model_name!r} holds tensors that no weight file provides; it cannot be a teacher")
-    teacher = FrozenTeacher(model.to(device), mean=spec.mean, std=spec.std, project=spec.project)
+    model = assign_weights(model, converted, model_name, device)
+    teacher = FrozenTeacher(model, mean=spec.mean, std=spec.std, project=spec.project)
     logger.info("%s teacher %s from %s: input %s, grid %s, %d-d tokens", kind, model_name, path,
                 teacher.input_size, teacher.grid_size, teacher.out_dim)
     return teacher

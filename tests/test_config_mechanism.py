@@ -44,7 +44,7 @@ def test_yaml_numbers_in_exponent_form_convert_as_on_the_command_line(tmp_path):
     ("epochs: 1.5\n", ["'epochs'", "--epochs", "int"]),
     ("blr: fast\n", ["'blr'", "--blr", "float"]),
     ("norm_pix_loss: 'yes'\n", ["'norm_pix_loss'", "true or false"]),
-    ("target: codebook\n", ["'target'", "must be one of"]),
+    ("target: dall_e\n", ["'target'", "must be one of"]),
     ("supervised_blocks: 6\n", ["'supervised_blocks'", "list"]),
     ("output_dir: 3\n", ["'output_dir'", "string"]),
     ("config: other.yaml\n", ["'config'", "cannot be set"]),

@@ -19,6 +19,7 @@ import main_linprobe
 import main_pretrain
 import models_deepmim
 from targets.hog import hog_dim
+from targets.tokenizers import VQKD_VOCAB
 from util import config
 from util.checkpoint import save_atomic
 
@@ -98,7 +99,7 @@ PAPER_EXPERIMENTS = {
     "pretrain/deepmim_clip_vit_base_1600e.yaml": Experiment("deepmim", DEEPMIM_BLOCKS, 1600, "clip"),
     # Tab. 11 (300 epochs; CLIP also Tab. 2)
     **{f"pretrain/{m}_{t}_vit_base_300e.yaml": Experiment(m, (12,) if m == "mae" else DEEPMIM_BLOCKS, 300, t)
-       for m in ("mae", "deepmim") for t in ("hog", "dino", "clip")},
+       for m in ("mae", "deepmim") for t in ("hog", "dino", "clip", "codebook")},
     # Tab. 8 (deep supervision, 300 epochs, no hybrid targets)
     "pretrain/ablations/deepmim_vit_base_300e_blocks_6_12.yaml": _tab8(6),
     "pretrain/ablations/deepmim_vit_base_300e_blocks_8_12.yaml": _tab8(8),
@@ -129,20 +130,20 @@ TAB8_BLOCK_SETS = [(12,), (6, 12), (8, 12), (9, 12), (6, 9, 12), (8, 10, 12), (3
                    (6, 8, 10, 12)]
 TAB9_ALPHAS = {1: (1.0, 1.0, 1.0, 1.0), 2: (0.0, 0.0, 0.0, 1.0), 3: (0.5, 0.5, 0.5, 0.5), 4: (0.0, 1 / 3, 2 / 3, 1.0)}
 TAB10_ROWS = [((6, 12), True), ((6, 12), False), ((6, 8, 10, 12), True), ((6, 8, 10, 12), False)]
-TAB11_TARGETS = ("pixel", "hog", "dino", "clip")  # the perceptual codebook has no target here
+TAB11_TARGETS = ("pixel", "hog", "dino", "codebook", "clip")  # codebook: BEiT v2's VQ-KD stands in for PeCo's
 
-# Appendix A, fine-tuning: 100 epochs, batch 1024, ABSOLUTE lr 2e-4 (pixel/HOG/DINO) and 4e-4 (CLIP), 5 warm-up
+# Appendix A, fine-tuning: 100 epochs, batch 1024, ABSOLUTE lr 2e-4 (pixel/HOG/DINO/Codebook) and 4e-4 (CLIP), 5 warm-up
 # epochs, layer decay 0.65 after 300-epoch and 0.6 after 800-epoch pre-training, drop path 0.1, RandAugment,
 # smoothing 0.1, Mixup 0.8, CutMix 1.0; MAE's recipe otherwise (AdamW wd 0.05, random erasing 0.25).
-PAPER_FT_LR = {"pixel": 2e-4, "hog": 2e-4, "dino": 2e-4, "clip": 4e-4}
+PAPER_FT_LR = {"pixel": 2e-4, "hog": 2e-4, "dino": 2e-4, "codebook": 2e-4, "clip": 4e-4}
 PAPER_FT_LAYER_DECAY = {300: 0.65, 800: 0.6, 1600: 0.6}
 PAPER_FINETUNE = dict(epochs=100, global_batch_size=1024, warmup_epochs=5, drop_path=0.1, smoothing=0.1, mixup=0.8,
                       cutmix=1.0, aa="rand-m9-mstd0.5-inc1", weight_decay=0.05, reprob=0.25, dist_eval=True)
-FINETUNE_FILES = {  # file: (target, pre-training epochs)
-    "finetune/vit_base_after_300e.yaml": ("pixel", 300),
-    "finetune/vit_base_after_800e_1600e.yaml": ("pixel", 1600),
-    "finetune/vit_base_clip_after_300e.yaml": ("clip", 300),
-    "finetune/vit_base_clip_after_1600e.yaml": ("clip", 1600),
+FINETUNE_FILES = {  # file: (the targets it fine-tunes after, pre-training epochs)
+    "finetune/vit_base_after_300e.yaml": (("pixel", "hog", "dino", "codebook"), 300),
+    "finetune/vit_base_after_800e_1600e.yaml": (("pixel",), 1600),
+    "finetune/vit_base_clip_after_300e.yaml": (("clip",), 300),
+    "finetune/vit_base_clip_after_1600e.yaml": (("clip",), 1600),
 }
 # MAE's linear probing (the paper keeps it): LARS, base lr 0.1, batch 16384, 90 epochs, 10 warm-up, no weight decay.
 PAPER_LINPROBE = dict(blr=0.1, global_batch_size=16384, epochs=90, warmup_epochs=10, weight_decay=0.0)
@@ -187,7 +188,7 @@ def pretrain_argv(path: Path, tmp_path: Path, values: dict[str, Any]) -> list[st
         generator = tmp_path / "mae_full.pth"  # what validation reads of it: the MAE's geometry (ViT-B/16, 224 px)
         torch.save({"model": {}, "model_cfg": {"name": "mae_vit_base_patch16", "img_size": 224}}, generator)
         argv += ["--hybrid_generator", str(generator)]
-    if values["target"] in ("clip", "dino"):
+    if values["target"] in ("clip", "dino", "codebook"):
         teacher = tmp_path / "teacher.pt"
         teacher.write_bytes(b"")
         argv += ["--teacher_path", str(teacher)]
@@ -234,9 +235,10 @@ def test_pretrain_config_resolves_validates_round_trips_and_builds_what_it_claim
     assert "print_config" not in text and "\nconfig:" not in text
     assert_round_trip(args, text, tmp_path, resolve_pretrain)
 
-    pred_dim = {"pixel": None, "hog": hog_dim(16)}.get(args.target, 768)  # a teacher's width needs its file
+    pred_dim = {"pixel": None, "hog": hog_dim(16), "codebook": VQKD_VOCAB}.get(args.target, 768)  # else: its file's
+    loss_type = {"clip": "cosine", "dino": "cosine", "codebook": "cross_entropy"}.get(args.target, "mse")
     with torch.device("meta"):
-        model = main_pretrain.build_model(args, pred_dim, "cosine" if args.target in ("clip", "dino") else "mse")
+        model = main_pretrain.build_model(args, pred_dim, loss_type)
     assert next(model.parameters()).is_meta
     assert model.config["name"] == values["model"] and model.patch_size == 16 and model.depth == 12
     assert model.supervised_blocks == tuple(values["supervised_blocks"])
@@ -247,7 +249,7 @@ def test_pretrain_config_resolves_validates_round_trips_and_builds_what_it_claim
 
 
 @pytest.mark.parametrize("path", [p for p in PRETRAIN_FILES if "dagger" in p.name or "clip" in p.name
-                                  or "dino" in p.name or "semantic" in p.name], ids=rel)
+                                  or "dino" in p.name or "codebook" in p.name or "semantic" in p.name], ids=rel)
 def test_pretrain_config_names_the_file_it_needs(path, tmp_path):
     """DeepMIM-dagger files need --hybrid_generator, teacher targets --teacher_path, semantic-aware masking
     --mask_teacher_path: validation says so."""
@@ -340,16 +342,19 @@ def test_every_target_of_table_11_has_an_mae_and_a_deepmim_file():
              if file_values(p)["epochs"] == 300}
     for target in TAB11_TARGETS:
         assert {("mae_vit_base_patch16", target), ("deepmim_vit_base_patch16", target)} <= found, target
+    fine_tuned = {t for targets, epochs in FINETUNE_FILES.values() if epochs == 300 for t in targets}
+    assert set(TAB11_TARGETS) <= fine_tuned  # and a fine-tuning file with Appendix A's lr for each
 
 
 @pytest.mark.parametrize("name", sorted(FINETUNE_FILES))
 def test_finetune_files_hold_appendix_a(name):
     values = file_values(CONFIGS / name)
-    target, pretrain_epochs = FINETUNE_FILES[name]
+    targets, pretrain_epochs = FINETUNE_FILES[name]
     for key, expected in PAPER_FINETUNE.items():
         assert values[key] == expected, f"{name}: {key}"
     absolute_lr = values["blr"] * values["global_batch_size"] / 256  # MAE: lr = blr x batch / 256
-    assert math.isclose(absolute_lr, PAPER_FT_LR[target], rel_tol=1e-12), f"{name}: lr {absolute_lr}"
+    for target in targets:
+        assert math.isclose(absolute_lr, PAPER_FT_LR[target], rel_tol=1e-12), f"{name}: lr {absolute_lr} ({target})"
     assert values["layer_decay"] == PAPER_FT_LAYER_DECAY[pretrain_epochs]
 
 

@@ -45,3 +45,11 @@ def test_targets_under_bf16_autocast_equal_float32_ones(targets_fn):
 
 def test_no_targets_means_the_models_own_pixels():
     assert compute_targets(None, torch.zeros(1, 3, 32, 32), torch.zeros(1, 16)) is None
+
+
+def test_codebook_ids_stay_integers_under_autocast():
+    """Token ids are exact in any precision: only floating-point targets are cast to float32."""
+    ids = torch.randint(0, 8192, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = compute_targets(lambda imgs, noise: ids, torch.randn(2, 3, 32, 32), torch.rand(2, 16))
+    assert out.dtype == torch.int64 and torch.equal(out, ids)

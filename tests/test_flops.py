@@ -6,14 +6,15 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from conftest import TINY
+from conftest import TINY, write_vqkd_file
 from torch.utils.flop_counter import FlopCounterMode
 
 import models_deepmim as M
 from analysis import flops
-from targets.build import TeacherTarget
+from targets.build import CodebookTarget, TeacherTarget
 from targets.hybrid import HybridGenerator
 from targets.teachers import FrozenTeacher
+from targets.tokenizers import build_tokenizer
 
 
 def unfused_attention(module: torch.nn.Module) -> torch.nn.Module:
@@ -107,6 +108,16 @@ def test_teacher_and_generator_forward_counted_once(tiny_deepmim):
     frozen = 2 * (flops.frozen_forward_flops(target=target) + flops.frozen_forward_flops(generator=generator))
     assert step.frozen_forward == step.parts["frozen"] == frozen
     assert step.total == 3 * step.trained_forward + frozen  # frozen parts: forward only
+
+
+def test_codebook_tokenizer_forward_counted_once(tmp_path):
+    """VQ-KD: encoder ViT, projection of every patch token, and every token against all 40 codes (8 wide)."""
+    tokenizer = build_tokenizer(write_vqkd_file(tmp_path / "vqkd.pth"), grid_size=(4, 4), model_name="test_vit")
+    unfused_attention(tokenizer.encoder.model)
+    target = CodebookTarget(tokenizer)
+    assert counted(lambda: target(torch.randn(2, 3, 32, 32))) == 2 * flops.frozen_forward_flops(target=target)
+    assert flops.tokenizer_forward_flops(tokenizer) - flops.vit_forward_flops(tokenizer.encoder.model) == \
+        2 * 16 * (64 * 64 + 64 * 8) + 2 * 16 * 40 * 8
 
 
 def test_bad_arguments_fail_before_counting(tiny_deepmim):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_FLAGS, write_image_folder
+from conftest import ROOT, TINY_FLAGS, write_image_folder, write_vqkd_file
 
 import main_pretrain
 from util.checkpoint import load_checkpoint
@@ -85,6 +85,7 @@ BAD_ARGS = [
     (["--amp", "fp8"], "--amp"),
     (["--target", "clip", "--teacher_path", "/nonexistent/ViT-B-16.pt"], "/nonexistent/ViT-B-16.pt"),
     (["--target", "dino"], "--teacher_path"),
+    (["--target", "codebook"], "--teacher_path"),
     (["--target", "sift"], "--target"),
     (["--hybrid_generator", "/nonexistent/mae.pth"], "/nonexistent/mae.pth"),
     (["--hybrid_alphas", "0", "0.5", "1"], "--hybrid_alphas"),
@@ -182,6 +183,33 @@ def test_hybrid_generator_needs_pixel_target(image_folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         tiny_args(image_folder, tmp_path / "run", "--target", "hog", "--hybrid_generator", str(generator))
     assert "--target pixel" in capsys.readouterr().err
+
+
+def test_codebook_with_hybrid_generator_exits_before_any_compute_naming_both_flags(image_folder, tmp_path, capsys):
+    """Eq. 1 blends continuous targets; token ids have no blend. Refused at parse time, before the tokenizer's own
+    checks (no --teacher_path given here), nothing built or written."""
+    assert "codebook" in main_pretrain.get_args_parser().format_help()  # `--help` lists the target
+    generator = tmp_path / "g.pth"
+    generator.write_bytes(b"x")
+    with pytest.raises(SystemExit) as stop:
+        tiny_args(image_folder, tmp_path / "run", "--target", "codebook", "--hybrid_generator", str(generator))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--hybrid_generator" in err and "--target codebook" in err and "discrete" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_codebook_target_trains_through_main(image_folder, tmp_path):
+    """BEiT v2's VQ-KD (a fabricated file with the release's keys): 40 logits per patch, one loss per block, the
+    tokenizer never in the checkpoint."""
+    vqkd = write_vqkd_file(tmp_path / "vqkd.pth")
+    result = main_pretrain.main(tiny_args(image_folder, tmp_path / "codebook", "--target", "codebook", "--teacher_path",
+                                          str(vqkd), "--teacher_model", "test_vit", "--epochs", "1"))
+    assert result.model.pred_dim == 40 and result.model.loss_type == "cross_entropy"
+    assert {"loss_b2", "loss_b3", "loss_b4"} <= set(result.stats)
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.stats.values())
+    state = load_checkpoint(tmp_path / "codebook" / "checkpoint-last.pth")
+    assert state["model_cfg"]["loss_type"] == "cross_entropy"
+    assert not any(k.startswith(("encoder", "quantize", "encode_task_layer")) for k in state["model"])
 
 
 def test_a_batch_larger_than_the_dataset_is_an_error_not_an_empty_epoch(tmp_path):

@@ -11,7 +11,7 @@ import json
 import pytest
 import timm
 import torch
-from conftest import ROOT, TINY, TINY_FLAGS, write_image_folder
+from conftest import ROOT, TINY, TINY_FLAGS, write_image_folder, write_vqkd_file
 from PIL import Image
 
 import main_pretrain
@@ -293,8 +293,9 @@ def count_teacher_calls(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("target, same_file, forwards", [("clip", True, 2), ("clip", False, 4), ("pixel", False, 2)],
-                         ids=["clip-target-shared", "clip-target-other-file", "pixel-target"])
+@pytest.mark.parametrize("target, same_file, forwards", [("clip", True, 2), ("clip", False, 4), ("pixel", False, 2),
+                                                         ("codebook", False, 4)],
+                         ids=["clip-target-shared", "clip-target-other-file", "pixel-target", "codebook-target"])
 def test_two_steps_through_main_with_semantic_aware_masking(two_steps, tmp_path, monkeypatch, target, same_file,
                                                             forwards):
     clip = teacher_file(tmp_path)
@@ -305,6 +306,9 @@ def test_two_steps_through_main_with_semantic_aware_masking(two_steps, tmp_path,
             extra += ["--mask_teacher_path", teacher_file(tmp_path, seed=2)]
     else:
         extra = [*mask_flags, "--mask_teacher", "clip", "--mask_teacher_path", clip, "--mask_teacher_model", "test_vit"]
+    if target == "codebook":  # the tokenizer's encoder is a FrozenTeacher too, never the masking one: 2 + 2 forwards
+        extra += ["--target", "codebook", "--teacher_path", str(write_vqkd_file(tmp_path / "vqkd.pth")),
+                  "--teacher_model", "test_vit"]
     calls = count_teacher_calls(monkeypatch)
     result = main_pretrain.main(tiny_args(two_steps, tmp_path / "run", *extra))
     assert calls[0] == forwards  # 2 steps: one teacher forward each when the target's teacher also masks
@@ -332,6 +336,9 @@ BAD_FLAGS = [
       "--mask_teacher_model", "vit_nonexistent"], "--mask_teacher_model"),
     (["--target", "clip", "--teacher_path", "{clip}", "--mask_strategy", "semantic_aware", "--mask_teacher", "dino"],
      "--mask_teacher_path"),
+    # a codebook's tokenizer is no masking teacher: semantic-aware masking names its own
+    (["--target", "codebook", "--teacher_path", "{clip}", "--mask_strategy", "semantic_aware"],
+     "needs --mask_teacher (one of clip, dino; pre-training defaults it to a clip / dino --target, not codebook)"),
 ]
 
 

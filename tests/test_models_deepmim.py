@@ -286,3 +286,52 @@ def test_pixel_targets_are_float32_under_autocast(norm_pix):
         half = model.pixel_targets(imgs.bfloat16())  # even a bf16 image gives float32 statistics
     assert targets.dtype == torch.float32 and torch.equal(targets, reference)
     assert half.dtype == torch.float32
+
+
+# -- the codebook target (Tab. 11): V logits per patch, cross-entropy on the masked patches -----------------------
+
+VOCAB = 10
+
+
+def codebook_model(**kwargs) -> M.MaskedAutoencoderDeepMIM:
+    torch.manual_seed(0)
+    return M.create_model("deepmim_vit_small_patch16", **TINY, pred_dim=VOCAB, loss_type="cross_entropy", **kwargs)
+
+
+def test_codebook_cross_entropy_counts_masked_patches_only_per_block():
+    model = codebook_model(loss_weights=[0.5, 2.0, 3.0])
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    ids = torch.randint(0, VOCAB, (2, 16))
+    loss, losses, preds, mask = model(imgs, noise=noise, targets=ids)
+    masked = mask.bool()
+    for block, pred in preds.items():  # each decoder: mean cross-entropy of its logits on the masked patches' codes
+        assert pred.shape == (2, 12, VOCAB)
+        expected = torch.nn.functional.cross_entropy(pred.flatten(0, 1), ids[masked])  # masked, ascending order
+        torch.testing.assert_close(losses[block], expected)
+    torch.testing.assert_close(loss, 0.5 * losses[2] + 2.0 * losses[3] + 3.0 * losses[4])  # Eq. 2 unchanged
+    other = torch.where(masked, ids, (ids + 1) % VOCAB)  # other codes on the visible patches: nothing changes
+    assert all(torch.equal(a, b) for a, b in zip(losses.values(), model(imgs, noise=noise, targets=other)[1].values()))
+    first_masked = masked[0].nonzero()[0, 0]
+    other[0, first_masked] = (other[0, first_masked] + 1) % VOCAB  # another code on one masked patch: every block moves
+    changed = model(imgs, noise=noise, targets=other)[1]
+    assert all(not torch.equal(changed[b], losses[b]) for b in losses)
+
+
+def test_codebook_decoders_that_output_the_true_codes_score_zero():
+    model = codebook_model()
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    ids = torch.randint(0, VOCAB, (2, 16))
+
+    def one_hot_of(codes: torch.Tensor):
+        """A decoder whose logits are (a large multiple of) the one-hot of `codes` at the positions it predicts."""
+        return lambda latent, ids_restore, ids_predict: 100.0 * torch.nn.functional.one_hot(
+            codes.gather(1, ids_predict), VOCAB).float()
+
+    for decoder in model.decoders.values():
+        decoder.forward = one_hot_of(ids)
+    _, losses, _, _ = model(imgs, noise=noise, targets=ids)
+    assert all(float(v) < 1e-6 for v in losses.values())
+    for decoder in model.decoders.values():
+        decoder.forward = one_hot_of((ids + 1) % VOCAB)  # confidently wrong everywhere: ~100 nats
+    _, losses, _, _ = model(imgs, noise=noise, targets=ids)
+    assert all(float(v) > 99 for v in losses.values())

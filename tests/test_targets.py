@@ -3,6 +3,7 @@
 import pytest
 import timm
 import torch
+from conftest import write_vqkd_file
 
 from models_deepmim import create_model
 from targets.build import TARGETS, HogTarget, PixelTarget, build_target, check_target_args
@@ -27,6 +28,8 @@ def teacher_file(tmp_path, name: str) -> str:
 
 def make_target(name: str, tmp_path, norm_pix_loss: bool = False):
     teacher_path = teacher_file(tmp_path, name) if name in ("clip", "dino") else None
+    if name == "codebook":  # BEiT v2's VQ-KD, 40 codes (tests/conftest.py)
+        teacher_path = str(write_vqkd_file(tmp_path / "vqkd_tiny.pth"))
     return build_target(name, patch_size=8, img_size=32, norm_pix_loss=norm_pix_loss, teacher_path=teacher_path,
                         teacher_model="test_vit" if teacher_path else None)
 
@@ -47,8 +50,10 @@ def test_check_target_args_names_flags_and_values(tmp_path):
     missing = tmp_path / "ViT-B-16.pt"
     with pytest.raises(ValueError, match=f"--teacher_path {missing} does not exist"):
         check_target_args("dino", str(missing))
-    with pytest.raises(ValueError, match="--teacher_path is only read by --target clip / dino"):
+    with pytest.raises(ValueError, match="--teacher_path is only read by --target clip / dino / codebook"):
         check_target_args("pixel", str(missing))
+    with pytest.raises(ValueError, match=r"--target codebook needs --teacher_path .*tokenizer \(BEiT v2's VQ-KD\)"):
+        check_target_args("codebook", None)
     with pytest.raises(ValueError, match="--target hog needs a patch size that is a multiple of 8"):
         check_target_args("hog", None, patch_size=14)
     check_target_args("hog", None, patch_size=16)  # fine
@@ -89,6 +94,12 @@ def test_targets_have_no_gradient_and_the_right_shape(tmp_path):
         out = target(imgs)
         assert (target.name, target.pred_dim, target.loss_type) == (name, dim, loss)
         assert out.shape == (4, 16, dim) and not out.requires_grad and torch.isfinite(out).all()
+        assert out.dtype == torch.float32
+    codebook = make_target("codebook", tmp_path)  # one code id per patch out of V = 40, predicted as 40 logits
+    ids = codebook(imgs)
+    assert (codebook.name, codebook.pred_dim, codebook.loss_type) == ("codebook", 40, "cross_entropy")
+    assert ids.shape == (4, 16) and ids.dtype == torch.int64 and not ids.requires_grad
+    assert 0 <= int(ids.min()) and int(ids.max()) < 40
 
 
 # -- training -----------------------------------------------------------------------------------------------------
@@ -100,7 +111,7 @@ def test_every_target_trains_two_steps(name, tmp_path):
     torch.manual_seed(0)
     model = create_model("deepmim_vit_small_patch16", **TINY, pred_dim=target.pred_dim, loss_type=target.loss_type)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    teacher = getattr(target, "teacher", None)
+    teacher = getattr(target, "teacher", None) or getattr(getattr(target, "tokenizer", None), "encoder", None)
     frozen = {k: v.clone() for k, v in teacher.model.state_dict().items()} if teacher else {}
     imgs = batch()
     for _ in range(2):

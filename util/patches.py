@@ -66,8 +66,8 @@ def sincos_pos_embed(grid_size: tuple[int, int], dim: int, cls_token: bool = Tru
 
 
 def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
-    """x: (N, L, C), ids: (N, K) -> (N, K, C)."""
-    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """x: (N, L, C) or (N, L) (e.g. code ids), ids: (N, K) -> (N, K, C) or (N, K)."""
+    return torch.gather(x, 1, ids if x.ndim == 2 else ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def scatter_masked(pred: Tensor, mask: Tensor, fill: Tensor | None = None) -> Tensor:
