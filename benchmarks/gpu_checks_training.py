@@ -30,6 +30,7 @@ from gpu_check_common import (
 )
 
 import models_deepmim
+from util import amp as amp_util
 
 PARITY_RTOL = 1e-4
 
@@ -134,18 +135,16 @@ def parity_losses(model: torch.nn.Module, device: torch.device, samples: torch.T
 
 @contextlib.contextmanager
 def ieee_fp32(device: torch.device):
-    """TF32 off for the block (configure_backends turns it on for fp32 work on Ampere+); torch's fp32_precision API,
-    the one configure_backends uses (mixing it with the legacy allow_tf32 flags is an error)."""
+    """TF32 off for the block (configure_backends turns it on for fp32 work on Ampere+), through util.amp.set_tf32,
+    the switch configure_backends uses (the fp32_precision API, or allow_tf32 on torch < 2.9)."""
     if device.type != "cuda":
         yield
         return
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    saved = matmul.fp32_precision, conv.fp32_precision
-    matmul.fp32_precision = conv.fp32_precision = "ieee"
+    before = amp_util.set_tf32(False)
     try:
         yield
     finally:
-        matmul.fp32_precision, conv.fp32_precision = saved
+        amp_util.set_tf32(before)
 
 
 def section_cpu_parity(ctx: Context) -> dict[str, Any]:
