@@ -38,7 +38,7 @@ from util.training import NonFiniteLossError, OnUpdate, autocast_context, train_
 
 __all__ = ["MaskNoiseFn", "NonFiniteLossError", "TargetsFn", "autocast_context", "build_dataset", "build_loader",
            "build_model", "build_optimizer", "build_target", "build_targets_fn", "compute_targets", "reconstructions",
-           "step_inputs", "train_one_epoch", "warn_if_memory_short"]
+           "memory_probe", "step_inputs", "train_one_epoch", "warn_if_memory_short"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,13 +104,12 @@ def step_inputs(model: nn.Module, samples: Tensor, device: torch.device, targets
     return imgs, noise, compute_targets(targets_fn, imgs, noise)
 
 
-def warn_if_memory_short(model: nn.Module, args: argparse.Namespace, device: torch.device, world_size: int,
-                         targets_fn: TargetsFn | None, mask_noise_fn: MaskNoiseFn | None,
-                         frozen_owners: Iterable[Any] = ()) -> memory.MemoryEstimate | None:
-    """The start-up memory estimate (`util.memory.warn_if_memory_short`) on the run's own step inputs: random uint8
-    images through `step_inputs`, so the model meets the targets (and noise) of the run's target kind and masking
-    strategy; the frozen networks that `targets_fn`, `mask_noise_fn` and `frozen_owners` hold are counted. None
-    when the estimate failed (it only advises: a warning, and the run goes on)."""
+def memory_probe(model: nn.Module, args: argparse.Namespace, device: torch.device, targets_fn: TargetsFn | None,
+                 mask_noise_fn: MaskNoiseFn | None,
+                 frozen_owners: Iterable[Any] = ()) -> tuple[memory.MakeBatch, list[nn.Module]]:
+    """What `util.memory` needs to estimate a pre-training run: make_batch(n) builds the step's own model inputs
+    from n random uint8 images through `step_inputs` (the run's targets and masking noise, whatever the target
+    kind), and the frozen networks that `targets_fn`, `mask_noise_fn` and `frozen_owners` hold."""
 
     def make_batch(n: int) -> tuple[Any, ...]:
         generator = torch.Generator().manual_seed(n)
@@ -119,7 +118,16 @@ def warn_if_memory_short(model: nn.Module, args: argparse.Namespace, device: tor
         imgs, noise, targets = step_inputs(model, samples, device, targets_fn, mask_noise_fn)
         return imgs, args.mask_ratio, noise, targets
 
-    frozen = memory.reachable_modules(targets_fn, mask_noise_fn, *frozen_owners)
+    return make_batch, memory.reachable_modules(targets_fn, mask_noise_fn, *frozen_owners)
+
+
+def warn_if_memory_short(model: nn.Module, args: argparse.Namespace, device: torch.device, world_size: int,
+                         targets_fn: TargetsFn | None, mask_noise_fn: MaskNoiseFn | None,
+                         frozen_owners: Iterable[Any] = ()) -> memory.MemoryEstimate | None:
+    """The start-up memory estimate (`util.memory.warn_if_memory_short`) on the run's own step inputs
+    (`memory_probe`), the frozen teachers / generator counted. None when the estimate failed (it only advises: a
+    warning, and the run goes on)."""
+    make_batch, frozen = memory_probe(model, args, device, targets_fn, mask_noise_fn, frozen_owners)
     return memory.warn_if_memory_short(model, args.batch_size, make_batch, args.amp, args.accum_iter, device,
                                        world_size, frozen=frozen)
 
