@@ -172,14 +172,24 @@ def section_finetune_linprobe(ctx: Context) -> dict[str, Any]:
 
 
 def section_compile(ctx: Context) -> dict[str, Any]:
-    """The check's one torch.compile: `--compile --grad_ckpt` under torchrun with one rank (inductor on a GPU; the
-    dry run compiles with the eager backend). Losses finite and falling."""
+    """The check's one torch.compile: `--compile --grad_ckpt` (inductor) under torchrun with one rank, losses finite
+    and falling. The dry run compiles with the eager backend in this process (the torchrun path is ddp_train's)."""
     from gpu_checks_training import ddp_run
 
-    amp = "bf16" if ctx.cuda else "none"
-    backend = "inductor" if ctx.cuda else "eager"
-    run = ddp_run(ctx, "compile_grad_ckpt", amp, "--compile", "--compile_backend", backend, "--grad_ckpt")
-    result: dict[str, Any] = {"run": run, "backend": backend}
-    for problem in run["problems"]:
-        check(False, result, problem)
+    if ctx.cuda:
+        run = ddp_run(ctx, "compile_grad_ckpt", "bf16", "--compile", "--compile_backend", "inductor", "--grad_ckpt")
+        result: dict[str, Any] = {"run": run, "backend": "inductor"}
+        for problem in run["problems"]:
+            check(False, result, problem)
+        return result
+    import main_pretrain
+
+    out = ctx.work / "compile_grad_ckpt"
+    flags = pretrain_flags(ctx, out, ctx.sizes["train_batch"], ctx.sizes["train_epochs"], "--amp", "none",
+                           "--compile", "--compile_backend", "eager", "--grad_ckpt")
+    in_process(lambda: main_pretrain.main(main_pretrain.parse_args(flags)))
+    losses = epoch_losses(out)
+    result = {"run": {"epoch_losses": losses}, "backend": "eager"}
+    check(len(losses) == ctx.sizes["train_epochs"] and all(map(math.isfinite, losses)) and losses[-1] < losses[0],
+          result, f"losses {losses}")
     return result

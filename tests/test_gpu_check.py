@@ -95,7 +95,7 @@ def test_dry_run_of_the_shell_script_exercises_every_section(tmp_path):
     two = sections["ddp_2rank"]  # two ranks, --accum_iter 2: one all-reduce per update on each rank
     assert [r["allreduces"] for r in two["ranks"]] == [two["updates"]] * 2 and two["updates"] == 4
     assert set(sections["targets"]["runs"]) == {"hog", "clip"} and sections["loader"]["loader_images_per_s"] > 0
-    assert sections["compile"]["backend"] == "eager" and sections["compile"]["run"]["rc"] == 0
+    assert sections["compile"]["backend"] == "eager" and len(sections["compile"]["run"]["epoch_losses"]) == 3
 
 
 def test_the_time_limit_leaves_no_process_behind_and_python3_is_enough(tmp_path):

@@ -57,14 +57,15 @@ def resolve_device(device: str | None) -> str:
             return "cuda"
         requested = gpus_requested()
         if requested:
-            raise ValueError(f"GPUs were requested ({requested}) but {cuda_unavailable_reason()}; training on the CPU "
-                             "would hold the GPUs for nothing. Fix the CUDA set-up, or pass --device cpu to train on "
-                             "the CPU on purpose")
+            raise ValueError(f"GPUs were requested ({requested}) but CUDA is not available: "
+                             f"{cuda_unavailable_reason()}; training on the CPU would hold the GPUs for nothing. Fix "
+                             "the CUDA set-up, or pass --device cpu to train on the CPU on purpose")
         return "cpu"
     if not _DEVICE_RE.match(device):
         raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} but {cuda_unavailable_reason()}; use --device cpu to train on the CPU")
+        raise ValueError(f"--device {device} but CUDA is not available: {cuda_unavailable_reason()}; use --device "
+                         "cpu to train on the CPU")
     return device
 
 
