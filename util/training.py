@@ -1,6 +1,7 @@
 """The training loop shared by pre-training, fine-tuning and probing (`train_epoch`, MAE's train_one_epoch) and its
 pieces: autocast, DDP wrapping and gradient accumulation without redundant all-reduces, a rank-collective non-finite
-check, and the mid-epoch hook that saves checkpoints and honours stop signals.
+check, the update hook that saves checkpoints (every N updates, on a timer) and honours stop signals at every
+update, and the fp16 GradScaler's scale and skipped updates, logged.
 
 Every decision that can end or change a run (stop on NaN, save, stop on a signal) is taken collectively, so all
 ranks take it at the same step and none is left waiting in a collective that the others never reach.
@@ -230,7 +231,7 @@ class ScalerMonitor:
         scale = getattr(self.scaler, "_scale", None) if self.enabled else None
         if scale is None:
             return {}
-        skipped = self.skipped if isinstance(self.skipped, Tensor) else torch.zeros((), device=scale.device)
+        skipped = self.skipped if isinstance(self.skipped, Tensor) else scale.new_zeros(())
         return {"loss_scale": scale.detach().clone().reshape(()), "skipped_updates": skipped.float().reshape(())}
 
     def skipped_updates(self) -> int:
