@@ -58,7 +58,7 @@ def test_checkpoint_last_is_refreshed_on_a_timer_not_every_epoch(image_folder, t
     monkeypatch.setattr(ckpt, "save_atomic", lambda state, path: written.append(
         (Path(path).name, state["epoch"], state["iter"])) or original(state, path))
     main_pretrain.main(tiny_args(image_folder, tmp_path / "run", "--epochs", "3", "--save_freq", "10",
-                                 "--batch_size", "8"))
+                                 "--batch_size", "16"))
     assert written == [("checkpoint-last.pth", 0, 0), ("checkpoint-2.pth", 2, 0), ("checkpoint-last.pth", 2, 0)]
 
 
