@@ -183,6 +183,7 @@ class Run:
         clock = RunClock(args.start_epoch, args.epochs)
         try:
             train_model = wrap_ddp(maybe_compile(self.bare, args.compile, args.compile_backend), self.device)
+            distributed.set_training_timeout(args.dist_timeout)  # start-up is over: a stuck rank now fails fast
             test_stats = self.train_epochs(train_model, stopper, log_writer, clock)
         finally:
             stopper.uninstall()
@@ -202,7 +203,7 @@ class Run:
                      clock: RunClock) -> dict[str, float]:
         """The epoch loop of `fit` (`model`: the DDP-wrapped model); returns the last epoch's val stats."""
         args, test_stats, start_step = self.args, {}, self.start_step
-        on_update = UpdateHook(self.save, stopper, args.accum_iter, args.save_every_iters, args.print_freq)
+        on_update = UpdateHook(self.save, stopper, args.accum_iter, args.save_every_iters)
         for epoch in range(args.start_epoch, args.epochs):
             clock.log_epoch_start(epoch)
             self.train_loader.dataset.set_epoch(epoch)
@@ -241,19 +242,20 @@ def log_epoch(args: argparse.Namespace, log_writer: Any, epoch: int, train_stats
 
 
 def execute(run: Run, checkpoint: Mapping[str, Any] | None, what: str) -> dict[str, float]:
-    """Resume if asked, then train (or --eval); prints the result, ends the process group, returns the stats."""
+    """Resume if asked, then train (or --eval); prints the result, ends the process group, returns the stats. An
+    exception is logged naming this process's rank before it propagates."""
     args = run.args
     try:
-        if args.resume:
-            run.resume(checkpoint)
-        if args.eval:
-            stats = run.evaluate()
-            report(stats, f"{what} evaluation of {args.resume}")
-            write_eval_record(args, stats)
-        else:
-            stats = run.fit()
-            report(stats, what)
+        with distributed.failures_logged():
+            if args.resume:
+                run.resume(checkpoint)
+            if args.eval:
+                stats = run.evaluate()
+                report(stats, f"{what} evaluation of {args.resume}")
+                write_eval_record(args, stats)
+            else:
+                stats = run.fit()
+                report(stats, what)
     finally:
         distributed.cleanup()
     return stats
-

@@ -25,7 +25,7 @@ import targets.build
 from analysis.visualize import reconstruction_panels
 from targets.build import Target
 from targets.hybrid import HybridGenerator, check_hybrid_args, hybrid_targets_fn
-from util import distributed
+from util import distributed, memory
 from util.datasets import (
     DemoPhotos,
     ResumableDistributedSampler,
@@ -38,7 +38,7 @@ from util.training import NonFiniteLossError, OnUpdate, autocast_context, train_
 
 __all__ = ["MaskNoiseFn", "NonFiniteLossError", "TargetsFn", "autocast_context", "build_dataset", "build_loader",
            "build_model", "build_optimizer", "build_target", "build_targets_fn", "compute_targets", "reconstructions",
-           "train_one_epoch"]
+           "memory_probe", "step_inputs", "train_one_epoch", "warn_if_memory_short"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,16 +92,50 @@ def train_one_epoch(
     raw_model = model.module if hasattr(model, "module") else model
 
     def step_loss(samples: Tensor, _labels: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
-        imgs = normalize_on_device(samples, device)
-        # one mask for every decoder and the generator
-        noise = raw_model.make_noise(imgs.shape[0], device) if mask_noise_fn is None else mask_noise_fn(imgs)
-        targets = compute_targets(targets_fn, imgs, noise)
+        imgs, noise, targets = step_inputs(raw_model, samples, device, targets_fn, mask_noise_fn)
         with autocast_context(device, args.amp):
             loss, losses, _, _ = model(imgs, args.mask_ratio, noise=noise, targets=targets)
         return loss, losses
 
     return train_epoch(model, data_loader, optimizer, scaler, epoch, args, step_loss, log_writer=log_writer,
                        start_step=start_step, on_update=on_update)
+
+
+def step_inputs(model: nn.Module, samples: Tensor, device: torch.device, targets_fn: TargetsFn | None,
+                mask_noise_fn: MaskNoiseFn | None) -> tuple[Tensor, Tensor, Any]:
+    """What one step feeds the model: the normalised images on the device, the masking noise that every decoder and
+    the generator share (the run's masking strategy; None: the model's uniform noise) and the targets."""
+    imgs = normalize_on_device(samples, device)
+    noise = model.make_noise(imgs.shape[0], device) if mask_noise_fn is None else mask_noise_fn(imgs)
+    return imgs, noise, compute_targets(targets_fn, imgs, noise)
+
+
+def memory_probe(model: nn.Module, args: argparse.Namespace, device: torch.device, targets_fn: TargetsFn | None,
+                 mask_noise_fn: MaskNoiseFn | None,
+                 frozen_owners: Iterable[Any] = ()) -> tuple[memory.MakeBatch, list[nn.Module]]:
+    """What `util.memory` needs to estimate a pre-training run: make_batch(n) builds the step's own model inputs
+    from n random uint8 images through `step_inputs` (the run's targets and masking noise, whatever the target
+    kind), and the frozen networks that `targets_fn`, `mask_noise_fn` and `frozen_owners` hold."""
+
+    def make_batch(n: int) -> tuple[Any, ...]:
+        generator = torch.Generator().manual_seed(n)
+        samples = torch.randint(0, 256, (n, 3, args.input_size, args.input_size), dtype=torch.uint8,
+                                generator=generator)
+        imgs, noise, targets = step_inputs(model, samples, device, targets_fn, mask_noise_fn)
+        return imgs, args.mask_ratio, noise, targets
+
+    return make_batch, memory.reachable_modules(targets_fn, mask_noise_fn, *frozen_owners)
+
+
+def warn_if_memory_short(model: nn.Module, args: argparse.Namespace, device: torch.device, world_size: int,
+                         targets_fn: TargetsFn | None, mask_noise_fn: MaskNoiseFn | None,
+                         frozen_owners: Iterable[Any] = ()) -> memory.MemoryEstimate | None:
+    """The start-up memory estimate (`util.memory.warn_if_memory_short`) on the run's own step inputs
+    (`memory_probe`), the frozen teachers / generator counted. None when the estimate failed (it only advises: a
+    warning, and the run goes on)."""
+    make_batch, frozen = memory_probe(model, args, device, targets_fn, mask_noise_fn, frozen_owners)
+    return memory.warn_if_memory_short(model, args.batch_size, make_batch, args.amp, args.accum_iter, device,
+                                       world_size, frozen=frozen)
 
 
 @torch.no_grad()

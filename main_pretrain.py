@@ -33,17 +33,17 @@ from engine_pretrain import (
     build_targets_fn,
     reconstructions,
     train_one_epoch,
+    warn_if_memory_short,
 )
 from targets import masking
 from targets.build import TARGETS, check_target_args
 from targets.hybrid import check_generator_file, check_hybrid_args
 from util import checkpoint as ckpt
 from util import config, distributed, resume
-from util.amp import AMP_CHOICES, configure_backends, resolve_machine
+from util.amp import AMP_CHOICES, configure_backends, describe_machine, resolve_machine
 from util.datasets import (
     check_image_folder,
 )
-from util.memory import warn_if_memory_short
 from util.misc import RunClock, append_json_log, log_summary, make_log_writer, seed_everything, setup_logging
 from util.patches import num_visible
 from util.preemption import GracefulStop
@@ -139,9 +139,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     system.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="MAE's spelling of --no-pin_mem")
     system.add_argument("--dist_url", default="env://", type=str, help="process-group init URL")
     distributed.add_legacy_launcher_args(system)
+    distributed.add_dist_args(system)
     system.add_argument("--save_freq", default=20, type=int, help="write checkpoint-<epoch>.pth every N epochs")
     system.add_argument("--save_every_iters", default=0, type=int,
                         help="also refresh checkpoint-last.pth every N optimizer updates (0: only at epoch ends)")
+    system.add_argument("--save_every_minutes", default=15.0, type=float,
+                        help="refresh checkpoint-last.pth (~1.7 GB for ViT-B with AdamW) at the first epoch end this "
+                             "many minutes after its last write, and mid-epoch in longer epochs; also on a stop signal "
+                             "and at the end (0: every epoch end)")
     system.add_argument("--max_bad_images", default=None, type=int,
                         help="unreadable images tolerated per epoch and rank (default: 1%% of the epoch)")
     system.add_argument("--print_freq", default=20, type=int, help="log (and read losses) every N steps")
@@ -203,8 +208,10 @@ def validate_args(args: argparse.Namespace, check_data: bool = True) -> None:
         raise ValueError(f"--start_epoch must be in [0, --epochs={args.epochs}), got {args.start_epoch}")
     if args.amp is not None and args.amp not in AMP_CHOICES:
         raise ValueError(f"--amp must be one of {AMP_CHOICES}, got {args.amp!r}")
-    if args.save_every_iters < 0 or (args.max_bad_images is not None and args.max_bad_images < 0):
-        raise ValueError("--save_every_iters and --max_bad_images must be >= 0")
+    if min(args.save_every_iters, args.save_every_minutes) < 0 or (args.max_bad_images or 0) < 0:
+        raise ValueError("--save_every_iters, --save_every_minutes and --max_bad_images must be >= 0")
+    if args.dist_timeout <= 0:
+        raise ValueError(f"--dist_timeout must be > 0 minutes, got {args.dist_timeout}")
     if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
         raise ValueError(f"--resume {args.resume}: no such file")
     if not args.demo and check_data:
@@ -253,21 +260,28 @@ class RunResult(NamedTuple):
 
 
 def main(args: argparse.Namespace) -> RunResult:
-    """Pre-train; returns the trained model and the last epoch's averaged stats."""
+    """Pre-train; returns the trained model and the last epoch's averaged stats. An exception is logged naming this
+    process's rank before it propagates (the first failing rank of many is the one to read)."""
+    with distributed.failures_logged():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> RunResult:
     resolve_args(args)
     validate_args(args)
     resolve_machine(args)  # device and amp of this machine (in a SLURM job: the compute node)
     distributed.apply_legacy_launcher_args(args)
-    dist_info = distributed.init_distributed(args.device, args.dist_url)
+    dist_info = distributed.init_distributed(args.device, args.dist_url, args.dist_backend, args.output_dir)
     config.apply_global_batch(args, dist_info.world_size)  # a config's global batch -> --accum_iter here
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     setup_logging(args.output_dir)
+    device = dist_info.device(args.device)  # 'cuda': this rank's GPU, local rank modulo the GPUs it sees
+    logger.info("%s", describe_machine(device, args.amp))  # decided before logging was set up
     if dist_info.distributed:  # logged again now that logging is set up (init ran before it)
         logger.info("distributed init: rank %d/%d (%s)", dist_info.rank, dist_info.world_size,
                     torch.distributed.get_backend())
     logger.info("resolved arguments (a file --config accepts):\n%s", config.config_yaml(args))
     seed_everything(args.seed + dist_info.rank)
-    device = torch.device(args.device, dist_info.local_rank) if args.device == "cuda" else torch.device(args.device)
 
     configure_backends(device)  # attention kernels, TF32, cuDNN: chosen per device in one place
     dataset = build_dataset(args)
@@ -281,9 +295,6 @@ def main(args: argparse.Namespace) -> RunResult:
     target = build_target(args, device)
     model = build_model(args, target.pred_dim, target.loss_type).to(device)
     model.set_grad_checkpointing(args.grad_ckpt)
-    if device.type == "cuda":  # warn, naming the flags that fit, before the first step runs out of memory
-        warn_if_memory_short(model, args.batch_size, args.input_size, args.amp, args.accum_iter, device,
-                             dist_info.world_size)
     eff_batch = args.batch_size * args.accum_iter * dist_info.world_size
     if args.lr is None:
         args.lr = args.blr * eff_batch / 256  # MAE / paper Appendix A: lr = base_lr * batch / 256
@@ -296,6 +307,8 @@ def main(args: argparse.Namespace) -> RunResult:
     targets_fn = build_targets_fn(args, target, model, device)
     mask_fn = masking.build_mask_strategy(args.mask_strategy, masking.mask_teacher_from_args(args),
                                           grid_size=model.grid_size, target=target, device=device)
+    if device.type == "cuda":  # warn, naming the flags that fit, before the first step runs out of memory
+        warn_if_memory_short(model, args, device, dist_info.world_size, targets_fn, mask_fn, frozen_owners=[target])
     train_model = wrap_ddp(maybe_compile(model, args.compile, args.compile_backend), device)
     ckpt.write_run_info(args)
 
@@ -303,16 +316,17 @@ def main(args: argparse.Namespace) -> RunResult:
     log_writer = make_log_writer(args.log_dir)
     writer = ckpt.BackgroundWriter()
     save = partial(_save, model, optimizer, scaler, args, writer)
-    on_update = UpdateHook(save, stopper, args.accum_iter, args.save_every_iters, args.print_freq)
+    on_update = UpdateHook(save, stopper, args.accum_iter, args.save_every_iters, args.save_every_minutes)
     stats: dict[str, float] = {}
     clock = RunClock(args.start_epoch, args.epochs)
+    distributed.set_training_timeout(args.dist_timeout)  # start-up is over: a stuck rank now fails the job fast
     try:
         for epoch in range(args.start_epoch, args.epochs):
             clock.log_epoch_start(epoch)
-            stats = _train_epoch(train_model, model, loader, dataset, optimizer, scaler, device, epoch, args,
-                                 targets_fn, log_writer, start_step, on_update, save, mask_fn)
+            stats, stop = _train_epoch(train_model, model, loader, dataset, optimizer, scaler, device, epoch, args,
+                                       targets_fn, log_writer, start_step, on_update, save, mask_fn)
             start_step = 0
-            if stopper.stop_requested():
+            if stop:
                 writer.wait()  # the epoch's checkpoint is on disk before the job exits
                 stopper.finish()
         writer.wait()
@@ -335,33 +349,37 @@ def main(args: argparse.Namespace) -> RunResult:
 
 
 def _train_epoch(train_model, model, loader: DataLoader, dataset, optimizer, scaler, device: torch.device, epoch: int,
-                 args: argparse.Namespace, targets_fn: TargetsFn | None, log_writer, start_step: int, on_update,
-                 save, mask_fn) -> dict[str, float]:
-    """One epoch (from `start_step` after a mid-epoch resume), its checkpoint, log line and reconstruction grid."""
+                 args: argparse.Namespace, targets_fn: TargetsFn | None, log_writer, start_step: int,
+                 on_update: UpdateHook, save, mask_fn) -> tuple[dict[str, float], bool]:
+    """One epoch (from `start_step` after a mid-epoch resume), its checkpoints (checkpoint-last when
+    --save_every_minutes is due, on a stop and at the end), log line and reconstruction grid; (stats, stop)."""
     dataset.set_epoch(epoch)
     loader.sampler.set_epoch(epoch)
     loader.sampler.set_start_step(start_step)
     stats = train_one_epoch(train_model, loader, optimizer, scaler, device, epoch, args, targets_fn, log_writer,
                             start_step, on_update, mask_fn)
-    save(epoch, 0)
+    stop, refresh_last = on_update.epoch_end(final=epoch + 1 == args.epochs)
+    save(epoch, 0, refresh_last)
     append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch})
     if log_writer is not None and args.target == "pixel" and args.vis_freq and (epoch + 1) % args.vis_freq == 0:
         panels = reconstructions(model, dataset, targets_fn, args.mask_ratio, mask_noise_fn=mask_fn)
         log_writer.add_image("reconstructions", grid_tensor(panels), epoch)
     if log_writer is not None:
         log_writer.flush()
-    return stats
+    return stats, stop
 
 
 def _save(model, optimizer, scaler, args: argparse.Namespace, writer: ckpt.BackgroundWriter, epoch: int,
-          step: int) -> None:
-    """Epoch ends are written in the background (ranks do not wait for rank 0's disk); mid-epoch saves (periodic or
-    on a stop signal) are on disk when this returns."""
+          step: int, refresh_last: bool = True) -> None:
+    """Epoch ends are written in the background (ranks do not wait for rank 0's disk); mid-epoch saves (periodic,
+    timed or on a stop signal) are on disk when this returns. Nothing when no file is due (every rank agrees)."""
+    if not ckpt.checkpoint_files(args.output_dir, epoch, step, args.save_freq, args.epochs, refresh_last):
+        return
     state = ckpt.training_state(model, optimizer, scaler, epoch, step, args)
     if step != 0:
         writer.wait()
     ckpt.save_training_checkpoint(state, args.output_dir, args.save_freq, args.epochs,
-                                  writer=writer if step == 0 else None)
+                                  writer=writer if step == 0 else None, refresh_last=refresh_last)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -5,7 +5,8 @@
 
 On preemption or time-out the job saves, requeues itself and resumes from the newest valid checkpoint in its
 job folder (`--resume auto`), with no change of flags. The job asks for --ngpus GPUs per node (none with
---device cpu); device and precision are chosen inside the job, on the compute node (util/amp.py).
+--device cpu) and then trains on them or stops (--device cuda: no silent CPU fallback); the precision is chosen
+inside the job, on the compute node (util/amp.py).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from util.config import derive_accum_iter, maybe_print_config, parse_with_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and validate on the submitting machine. Nothing here depends on that machine: --device and --amp stay
-    as given (None by default) and are resolved inside the job, on the compute node."""
+    """Parse and validate on the submitting machine. Nothing here depends on that machine: --amp stays as given (None
+    by default) and is resolved inside the job, on the compute node; util.submit turns a default --device into cuda
+    when GPUs are requested."""
     parser = argparse.ArgumentParser("Submitit for DeepMIM pre-training", parents=[main_pretrain.get_args_parser()])
     submit.add_launcher_args(parser)
     args = main_pretrain.resolve_args(parse_with_config(parser, argv), parser)

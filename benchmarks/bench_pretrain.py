@@ -51,6 +51,7 @@ from bench_profile import print_profile, profile_step  # noqa: E402
 import models_deepmim  # noqa: E402
 from analysis import flops  # noqa: E402
 from engine_pretrain import train_one_epoch  # noqa: E402
+from util import amp as amp_util  # noqa: E402
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}
 TARGETS = ("pixel", "hog", "clip", "dino", "codebook")
@@ -382,15 +383,14 @@ def device_name(device: torch.device) -> str:
 
 
 def main(args: argparse.Namespace) -> list[dict[str, Any]]:
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = amp_util.resolve_device(args.device)  # the training scripts' rule: no silent CPU fallback
     validate(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     args.attn = resolve_attn(args.attn, device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        amp_util.set_tf32(True)
     sizes = args.peak_sizes or ([8192] if device.type == "cuda" else [1024, 2048, 3072])
     rates = matmul_rates(device, AMP_DTYPES[args.amp], sizes)
     peak, peak_size = max(rates.values()), max(rates, key=rates.get)

@@ -4,10 +4,12 @@ section's failure or skip into a result, and the helpers for data, subprocesses 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -120,16 +122,70 @@ def subprocess_env() -> dict[str, str]:
             "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
 
+CHILDREN: set[int] = set()  # the commands running now (stopped with their descendants on SIGTERM: kill_children)
+STOP_GRACE_S = 10.0  # SIGTERM first: torchrun forwards it to its workers, which it started in sessions of their own
+
+
+def start_child(cmd: list[str], **popen: Any) -> subprocess.Popen:
+    """Start a command in its own process group, inside this check's session."""
+    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), text=True, **group, **popen)
+    CHILDREN.add(proc.pid)
+    return proc
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living process below `pid` (Linux /proc), wherever its session: torchrun starts its workers with
+    start_new_session, so neither a process group nor a session reaches them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def stop_tree(pids: list[int], grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM `pids` and all their descendants (listed first: a child whose parent dies moves away), wait up to
+    `grace` seconds, then SIGKILL whatever is left. No process of the check survives it holding the GPU."""
+    tree = [*pids, *(d for pid in pids for d in descendants(pid))]
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0.0)):
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and any(alive(pid) for pid in tree):
+            time.sleep(0.1)
+
+
+def kill_children() -> None:
+    """Stop every command still running, with its descendants."""
+    stop_tree(sorted(CHILDREN))
+    CHILDREN.clear()
+
+
 def run_command(cmd: list[str], timeout: float) -> tuple[int, str]:
-    """(return code, stdout + stderr); a command past its time-out is killed with its process group (rc -9)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    """(return code, stdout + stderr); a command past its time-out is stopped with its descendants (rc -9)."""
+    proc = start_child(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         output, _ = proc.communicate(timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        stop_tree([proc.pid])
         output, _ = proc.communicate()
         return -9, output + f"\n[killed after {timeout:.0f} s]"
+    finally:
+        CHILDREN.discard(proc.pid)
     return proc.returncode, output
 
 
@@ -146,10 +202,3 @@ def pretrain_flags(ctx: Context, out: Path, batch: int, epochs: int, *extra: str
             "--batch_size", str(batch), "--epochs", str(epochs), "--warmup_epochs", "1", "--blr", "5e-3",
             "--norm_pix_loss", "--num_workers", str(ctx.sizes["workers"]), "--print_freq", "2",
             "--device", ctx.device.type, *extra]
-
-
-def main_pretrain_has(flag: str) -> bool:
-    """Whether main_pretrain.py accepts `flag` (a section that needs a flag reports its absence, not a crash)."""
-    import main_pretrain
-
-    return any(flag in action.option_strings for action in main_pretrain.get_args_parser()._actions)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import os
 import signal
@@ -17,19 +18,21 @@ from typing import Any
 
 import torch
 from gpu_check_common import (
+    CHILDREN,
     ROOT,
     Context,
     Skip,
     check,
     epoch_losses,
-    main_pretrain_has,
     pretrain_flags,
     run_command,
     skip,
-    subprocess_env,
+    start_child,
+    stop_tree,
 )
 
 import models_deepmim
+from util import amp as amp_util
 
 PARITY_RTOL = 1e-4
 
@@ -70,7 +73,7 @@ def ddp_run(ctx: Context, label: str, amp: str, *extra: str) -> dict[str, Any]:
     losses = epoch_losses(out)
     backend = "nccl" if ctx.cuda else "gloo"
     run = {"rc": rc, "seconds": round(time.monotonic() - start, 1), "epoch_losses": losses,
-           "process_group": f"distributed init: rank 0/1 ({backend}" in output}
+           "process_group": f"distributed init: rank 0/1 ({backend}" in output, **scaler_log(out)}
     problems = []
     if rc != 0:
         problems.append(f"exit code {rc}: {output.strip().splitlines()[-1] if output.strip() else ''}")
@@ -86,29 +89,29 @@ def ddp_run(ctx: Context, label: str, amp: str, *extra: str) -> dict[str, Any]:
     return run
 
 
+def scaler_log(output_dir) -> dict[str, Any]:
+    """The fp16 GradScaler's scale and skipped updates of the last epoch in main_pretrain's log.txt ({} without)."""
+    log = output_dir / "log.txt"
+    lines = log.read_text().splitlines() if log.exists() else []
+    last = json.loads(lines[-1]) if lines else {}
+    return {key: last[f"train_{key}"] for key in ("loss_scale", "skipped_updates") if f"train_{key}" in last}
+
+
 def section_ddp_train(ctx: Context) -> dict[str, Any]:
-    """main_pretrain.py under torchrun with one rank: bf16, fp16 (CUDA only), and --compile."""
+    """main_pretrain.py under torchrun with one rank: bf16 and fp16 (CUDA only; fp16 logs the GradScaler's scale and
+    the updates it skipped). The --compile run is its own section (`compile`), the check's only compile."""
     result: dict[str, Any] = {"runs": {}}
-    skipped = []
     if ctx.cuda:
         for amp in ("bf16", "fp16"):
             result["runs"][amp] = ddp_run(ctx, amp, amp)
+        fp16 = result["runs"]["fp16"]
+        check(fp16.get("loss_scale") is not None, result, "fp16: no loss scale in log.txt")
     else:  # CPU bf16 autocast of a tiny model takes ~1 s a step (per-shape kernel set-up): the dry run uses fp32
-        skipped.append("bf16, fp16: no CUDA (fp32 instead)")
+        result["skipped_runs"] = ["bf16, fp16: no CUDA (fp32 instead)"]
         result["runs"]["none"] = ddp_run(ctx, "none", "none")
-    if not ctx.sizes["compile"]:
-        skipped.append("--compile: " + ("no CUDA" if not ctx.cuda else "--tiny"))
-    elif not main_pretrain_has("--compile"):
-        result["runs"]["bf16_compile"] = {"problems": ["main_pretrain.py has no --compile flag yet"]}
-    elif ctx.remaining() < 300:  # leave time for the later sections; compiling takes a minute or two
-        skipped.append(f"--compile: time budget ({ctx.remaining():.0f} s left)")
-    else:
-        result["runs"]["bf16_compile"] = ddp_run(ctx, "bf16_compile", "bf16", "--compile")
     for label, run in result["runs"].items():
         for problem in run["problems"]:
             check(False, result, f"{label}: {problem}")
-    if skipped:
-        result["skipped_runs"] = skipped
     return result
 
 
@@ -134,18 +137,16 @@ def parity_losses(model: torch.nn.Module, device: torch.device, samples: torch.T
 
 @contextlib.contextmanager
 def ieee_fp32(device: torch.device):
-    """TF32 off for the block (configure_backends turns it on for fp32 work on Ampere+); torch's fp32_precision API,
-    the one configure_backends uses (mixing it with the legacy allow_tf32 flags is an error)."""
+    """TF32 off for the block (configure_backends turns it on for fp32 work on Ampere+), through util.amp.set_tf32,
+    the switch configure_backends uses (the fp32_precision API, or allow_tf32 on torch < 2.9)."""
     if device.type != "cuda":
         yield
         return
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    saved = matmul.fp32_precision, conv.fp32_precision
-    matmul.fp32_precision = conv.fp32_precision = "ieee"
+    before = amp_util.set_tf32(False)
     try:
         yield
     finally:
-        matmul.fp32_precision, conv.fp32_precision = saved
+        amp_util.set_tf32(before)
 
 
 def section_cpu_parity(ctx: Context) -> dict[str, Any]:
@@ -191,8 +192,7 @@ def section_sigterm_resume(ctx: Context) -> dict[str, Any]:
     cmd = [sys.executable, str(ROOT / "main_pretrain.py"), *flags]
     log = ctx.work / "sigterm_first_run.log"  # a file, not a pipe: a full pipe would stall the run while we poll
     with open(log, "w") as sink:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=sink, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = start_child(cmd, stdout=sink, stderr=subprocess.STDOUT)
     last = out / "checkpoint-last.pth"
     result: dict[str, Any] = {}
     try:
@@ -202,8 +202,10 @@ def section_sigterm_resume(ctx: Context) -> dict[str, Any]:
             os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as SLURM does: loader workers included
         proc.wait(timeout=max(5.0, min(120.0, ctx.remaining() - 20)))
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        stop_tree([proc.pid])
         proc.wait()
+    finally:
+        CHILDREN.discard(proc.pid)
     output = log.read_text(errors="replace")
     result.update(rc=proc.returncode, stopped_cleanly="stopped cleanly" in output)
     state = load_checkpoint(last) if last.exists() else {}
@@ -225,15 +227,18 @@ def section_sigterm_resume(ctx: Context) -> dict[str, Any]:
 
 
 def section_sync_debug(ctx: Context) -> dict[str, Any]:
-    """benchmarks/sync_check.py: pre-training steps under torch.cuda.set_sync_debug_mode("error") (CUDA only; its
-    CPU mechanics and the CPU proxy are in tests/test_host_syncs.py)."""
+    """benchmarks/sync_check.py: pre-training steps under torch.cuda.set_sync_debug_mode("error"), and the host syncs
+    of fp16 steps counted (CUDA only; its CPU mechanics and the CPU proxy are in tests/test_host_syncs.py)."""
     if not ctx.cuda:
         raise Skip("no CUDA (the sync debugger is CUDA's; the CPU proxy runs in the test suite)")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "sync_check.py"), "--device", str(ctx.device)]
     rc, output = run_command(cmd, min(300.0, ctx.remaining() - 5))
-    lines = [line for line in output.strip().splitlines() if line.strip()]
-    result: dict[str, Any] = {"rc": rc, "summary": lines[-2:] if lines else []}
-    check(rc == 0, result, f"a host sync between logging steps (exit code {rc})")
+    lines = [line for line in output.strip().splitlines() if line.split(":")[0] in ("pixel", "hog", "fp16")]
+    result: dict[str, Any] = {"rc": rc, "summary": lines}
+    fp16 = [line for line in lines if line.startswith("fp16:")]
+    if fp16:
+        result["fp16_host_syncs"] = int(fp16[0].split()[1])
+    check(rc == 0, result, f"a host sync between logging steps, or in an fp16 step (exit code {rc})")
     if rc != 0:
         result["output_tail"] = output[-3000:]
     return result

@@ -2,11 +2,14 @@
 
     python benchmarks/sync_check.py --device cuda        # benchmarks/gpu_check.sh runs it
 
-Runs a few real pre-training steps (main_pretrain's own builders, `engine_pretrain.train_one_epoch`, a tiny model
-on the demo photographs, pixel and HOG targets) with `torch.cuda.set_sync_debug_mode("error")` over the steps between
-the first and the last (those two read the losses back for logging, a deliberate sync every `--print_freq` steps),
-so any synchronising call in the step raises. Exit status 0 when every target passes. The step runner is shared with
-tests/test_host_syncs.py, whose CPU proxy checks that no step builds a tensor from Python data.
+Runs a few real pre-training steps (main_pretrain's own builders, `engine_pretrain.train_one_epoch` with the update
+hook that checks stop signals and the checkpoint timer at every update, a tiny model on the demo photographs, pixel
+and HOG targets) with `torch.cuda.set_sync_debug_mode("error")` over the steps between the first and the last (those
+two read the losses back for logging, a deliberate sync every `--print_freq` steps), so any synchronising call in the
+step raises. Then the same steps under fp16 with the GradScaler (the V100 path), with the debugger set to "warn":
+the synchronising calls per step are counted and printed (`fp16: N host syncs in K steps`; 0 expected). Exit status
+0 when every check passes. The step runner is shared with tests/test_host_syncs.py, whose CPU proxy checks that no
+step builds a tensor from Python data.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -25,6 +29,8 @@ sys.path.insert(0, str(ROOT))
 import main_pretrain  # noqa: E402
 from engine_pretrain import train_one_epoch  # noqa: E402
 from util.amp import configure_backends, resolve_machine  # noqa: E402
+from util.preemption import GracefulStop  # noqa: E402
+from util.training import UpdateHook  # noqa: E402
 
 STEPS = 5
 # main_pretrain.py's flags of the tiny model (the same as tests/conftest.py's TINY_FLAGS)
@@ -49,12 +55,13 @@ class Steps:
         self.on_step(-1)
 
 
-def pretrain_args(target: str, device: str, output_dir: Path, print_freq: int) -> argparse.Namespace:
+def pretrain_args(target: str, device: str, output_dir: Path, print_freq: int,
+                  amp: str | None = None) -> argparse.Namespace:
     """main_pretrain's flags for a tiny DeepMIM on the demo photographs, resolved for this machine."""
     parser = main_pretrain.get_args_parser()
     argv = ["--demo", *TINY_FLAGS, "--target", target, "--device", device, "--batch_size", "4", "--epochs", "1",
             "--warmup_epochs", "0", "--num_workers", "0", "--print_freq", str(print_freq),
-            "--output_dir", str(output_dir)]
+            "--output_dir", str(output_dir), *(["--amp", amp] if amp else [])]
     args = main_pretrain.resolve_args(parser.parse_args(argv), parser)
     main_pretrain.validate_args(args)
     resolve_machine(args)
@@ -74,7 +81,10 @@ def run_steps(args: argparse.Namespace, on_step: Callable[[int], None]) -> dict[
     optimizer = main_pretrain.build_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     targets_fn = main_pretrain.build_targets_fn(args, target, model, device)
-    return train_one_epoch(model, Steps(loader, STEPS, on_step), optimizer, scaler, device, 0, args, targets_fn)
+    hook = UpdateHook(lambda epoch, step: None, GracefulStop(), args.accum_iter, args.save_every_iters,
+                      args.save_every_minutes)  # the per-update stop / timer check of a real run
+    return train_one_epoch(model, Steps(loader, STEPS, on_step), optimizer, scaler, device, 0, args, targets_fn,
+                           on_update=hook)
 
 
 def check_no_sync(target: str, device: str, output_dir: Path,
@@ -86,6 +96,20 @@ def check_no_sync(target: str, device: str, output_dir: Path,
         return run_steps(args, lambda step: set_mode("error" if 1 <= step < STEPS - 1 else "default"))
     finally:
         set_mode("default")
+
+
+def count_syncs(target: str, device: str, output_dir: Path, amp: str,
+                set_mode: Callable[[str], None] = torch.cuda.set_sync_debug_mode) -> int:
+    """Synchronising calls in the `STEPS - 2` steps between the first and the last, with the debugger at "warn"
+    (each such call warns once per call site and step; all warnings are kept)."""
+    args = pretrain_args(target, device, output_dir, print_freq=100, amp=amp)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            run_steps(args, lambda step: set_mode("warn" if 1 <= step < STEPS - 1 else "default"))
+        finally:
+            set_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as err:
                 failed.append(target)
                 print(f"{target}: FAILED: {err}")
-    return 1 if failed else 0
+    with tempfile.TemporaryDirectory() as out:
+        syncs = count_syncs("pixel", args.device, Path(out), amp="fp16")
+    print(f"fp16: {syncs} host syncs in {STEPS - 2} steps")
+    return 1 if failed or syncs else 0
 
 
 if __name__ == "__main__":

@@ -29,7 +29,11 @@ def fake_gpu(monkeypatch):
 
 @pytest.fixture
 def no_gpu(monkeypatch):
+    """A machine without CUDA whose job asked for no GPU (on a GPU machine the suite's CUDA_VISIBLE_DEVICES would
+    make a default --device refuse to fall back to the CPU)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in (*amp.GPU_LIST_VARS, *amp.GPU_COUNT_VARS):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.mark.parametrize(("capability", "expected"), [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
@@ -176,3 +180,76 @@ def test_backends_per_device(fake_gpu, monkeypatch, capability, tf32):
         assert not timm.layers.use_fused_attn()
     finally:
         matmul.fp32_precision, conv.fp32_precision, torch.backends.cudnn.benchmark = saved
+
+
+@pytest.mark.parametrize(("name", "value"), [("CUDA_VISIBLE_DEVICES", "0,1"), ("SLURM_JOB_GPUS", "0"),
+                                             ("SLURM_GPUS_ON_NODE", "8"), ("SLURM_GPUS_PER_NODE", "a100:4")])
+def test_a_job_given_gpus_never_falls_back_to_the_cpu(no_gpu, monkeypatch, name, value):
+    """e.g. a CUDA 13 wheel on a node whose driver is too old: CUDA is unavailable but GPUs were requested."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="GPUs were requested") as err:
+        amp.resolve_device(None)
+    assert f"{name}={value}" in str(err.value) and "--device cpu" in str(err.value)
+    assert amp.resolve_device("cpu") == "cpu"  # on purpose: allowed
+
+
+@pytest.mark.parametrize(("name", "value"), [("CUDA_VISIBLE_DEVICES", ""), ("CUDA_VISIBLE_DEVICES", "-1"),
+                                             ("SLURM_GPUS_ON_NODE", "0"), ("SLURM_GPUS_PER_NODE", "gpu:0")])
+def test_no_gpus_requested_still_means_the_cpu(no_gpu, monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    assert amp.gpus_requested() is None and amp.resolve_device(None) == "cpu"
+
+
+def test_the_refusal_names_torchs_cuda_and_the_driver(no_gpu, monkeypatch, tmp_path):
+    driver_file = tmp_path / "version"
+    driver_file.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
+                           "GCC version:  gcc version 11.4.0\n")
+    monkeypatch.setattr(amp, "DRIVER_FILE", driver_file)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(ValueError) as err:
+        amp.resolve_device(None)
+    for part in ("CUDA 13.0", "535.104.05", ">= 580.65", torch.__version__, "cu126"):
+        assert part in str(err.value), part
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "CPU-only build" in amp.cuda_unavailable_reason()
+    monkeypatch.setattr(torch.version, "cuda", "12.6")
+    monkeypatch.setattr(amp, "DRIVER_FILE", tmp_path / "absent")
+    monkeypatch.setattr(amp.shutil, "which", lambda name: None)
+    assert "finds no NVIDIA driver" in amp.cuda_unavailable_reason()
+
+
+def test_the_decision_is_described_for_the_log(fake_gpu, monkeypatch, tmp_path):
+    fake_gpu((9, 0), name="NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    driver_file = tmp_path / "version"
+    driver_file.write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build\n")
+    monkeypatch.setattr(amp, "DRIVER_FILE", driver_file)
+    line = amp.describe_machine("cuda:3", "bf16")
+    for part in ("device cuda:3", "NVIDIA H100 80GB HBM3", "compute capability 9.0", "amp bf16", "580.65.06",
+                 f"torch {torch.__version__}", f"CUDA {torch.version.cuda}"):
+        assert part in line, part
+
+
+class LegacyMatmul:
+    """torch < 2.9's cuBLAS switches: allow_tf32 only."""
+
+    def __init__(self) -> None:
+        self.allow_tf32 = False
+
+
+def test_backends_fall_back_to_allow_tf32_on_older_torch(fake_gpu, monkeypatch):
+    """torch 2.4-2.8 (the floor of requirements.txt, and the V100 route) has no fp32_precision attributes."""
+    from types import SimpleNamespace
+
+    fake_gpu((8, 0))
+    matmul, cudnn = LegacyMatmul(), SimpleNamespace(allow_tf32=False, benchmark=False)
+    monkeypatch.setattr(torch.backends.cuda, "matmul", matmul)
+    monkeypatch.setattr(torch.backends, "cudnn", cudnn)
+    amp.configure_backends("cuda")
+    assert matmul.allow_tf32 and cudnn.allow_tf32 and cudnn.benchmark and not hasattr(matmul, "fp32_precision")
+    assert amp.set_tf32(False) is True and not matmul.allow_tf32 and not cudnn.allow_tf32
+    new_matmul = SimpleNamespace(fp32_precision="ieee")
+    new_cudnn = SimpleNamespace(conv=SimpleNamespace(fp32_precision="ieee"))
+    assert amp.set_tf32(True, new_matmul, new_cudnn) is False
+    assert new_matmul.fp32_precision == new_cudnn.conv.fp32_precision == "tf32" and not hasattr(new_cudnn, "allow_tf32")

@@ -278,24 +278,58 @@ def test_set_start_step_rejects_negative_steps(image_folder):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("machine", "affinity", "local_world", "expected"), [
-    (64, 64, None, 62),  # one process owns the machine
-    (64, 64, "8", 6),  # torchrun, 8 GPUs, no binding: the machine is shared
-    (96, 12, "8", 10),  # SLURM bound the task to its 12 cpus_per_task: as is
-    (2, 2, None, 0),  # never below 0
-    (8, 8, "16", 0),
+TORCHRUN = {"TORCHELASTIC_RUN_ID": "1"}
+
+
+@pytest.mark.parametrize(("machine", "affinity", "env", "expected"), [
+    (64, 64, {}, 16),  # one process owns the machine: capped per GPU
+    (64, 64, {"LOCAL_WORLD_SIZE": "8", **TORCHRUN}, 6),  # torchrun, 8 GPUs, no binding: the machine is shared
+    (224, 224, {"LOCAL_WORLD_SIZE": "8", **TORCHRUN}, 16),  # 8xH100 box: 28 CPUs per rank, capped
+    # torchrun's 8 ranks inside one SLURM task of --cpus-per-task=64 share that task's CPUs (62 each before)
+    (128, 64, {"LOCAL_WORLD_SIZE": "8", "SLURM_CPUS_PER_TASK": "64", **TORCHRUN}, 6),
+    (96, 12, {"LOCAL_WORLD_SIZE": "8", "SLURM_CPUS_PER_TASK": "12"}, 10),  # srun task bound to its 12 CPUs
+    (96, 80, {"LOCAL_WORLD_SIZE": "8", "SLURM_CPUS_PER_TASK": "10"}, 8),  # srun task, not bound: 10 are its own
+    (2, 2, {}, 0),  # never below 0
+    (8, 8, {"LOCAL_WORLD_SIZE": "16"}, 0),
 ])
-def test_default_num_workers(monkeypatch, machine, affinity, local_world, expected):
+def test_default_num_workers(monkeypatch, machine, affinity, env, expected):
     monkeypatch.setattr(os, "cpu_count", lambda: machine)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
-    if local_world is None:
-        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    else:
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_CPUS_PER_TASK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     assert default_num_workers() == expected
 
 
+class WorkerPid(Dataset):
+    """Items are the pid of the process that loaded them."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.tensor(os.getpid()), 0
+
+
+def test_classification_val_loader_keeps_its_workers_across_epochs():
+    """The validation loader re-forked its workers at every evaluation (once per epoch, on every rank)."""
+    import argparse
+
+    from util.cls_data import build_loaders
+    from util.datasets import RobustSeededDataset
+
+    args = argparse.Namespace(world_size=None, batch_size=2, seed=0, max_bad_images=None, dist_eval=False,
+                              num_workers=1, pin_mem=False, device="cpu")
+    train_loader, val_loader, _ = build_loaders(args, RobustSeededDataset(WorkerPid(), 0), WorkerPid())
+    assert train_loader.persistent_workers and val_loader.persistent_workers
+    epochs = [{int(pid) for pids, _ in val_loader for pid in pids} for _ in range(2)]
+    assert epochs[0] == epochs[1] and os.getpid() not in epochs[0]
+
+
 def test_default_num_workers_without_affinity_and_bad_env(monkeypatch):
+    for name in ("SLURM_CPUS_PER_TASK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # e.g. macOS
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")

@@ -53,3 +53,42 @@ def test_codebook_ids_stay_integers_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = compute_targets(lambda imgs, noise: ids, torch.randn(2, 3, 32, 32), torch.rand(2, 16))
     assert out.dtype == torch.int64 and torch.equal(out, ids)
+
+
+@pytest.mark.parametrize("target", ["hog", "clip"])
+def test_start_up_memory_estimate_feeds_the_runs_own_targets(target, image_folder, tmp_path, monkeypatch, caplog):
+    """The estimate on CUDA crashed for every HOG / CLIP run (108- / 24-wide predictions met 192-wide pixel
+    targets). It now runs the run's targets function and masking strategy on its dummy batches and counts the
+    frozen teacher. Device queries mocked; the model and the teacher are real."""
+    import timm
+    from conftest import TINY_FLAGS
+
+    import engine_pretrain
+    import main_pretrain
+    from targets import masking
+
+    flags = ["--data_path", str(image_folder), *TINY_FLAGS, "--target", target, "--batch_size", "64"]
+    teacher = None
+    if target == "clip":  # timm's test ViT as a CLIP teacher with a 24-d projection (tests/test_masking.py)
+        teacher = timm.create_model("test_vit", pretrained=False, num_classes=24, img_size=64)
+        torch.save(teacher.state_dict(), tmp_path / "clip.pth")
+        flags += ["--teacher_path", str(tmp_path / "clip.pth"), "--teacher_model", "test_vit",
+                  "--mask_strategy", "semantic_aware"]
+    args = main_pretrain.parse_args(flags)
+    args.device, args.amp = "cpu", "none"
+    device = torch.device("cpu")
+    built = engine_pretrain.build_target(args, device)
+    model = engine_pretrain.build_model(args, built.pred_dim, built.loss_type)
+    targets_fn = engine_pretrain.build_targets_fn(args, built, model, device)
+    mask_fn = masking.build_mask_strategy(args.mask_strategy, masking.mask_teacher_from_args(args),
+                                          grid_size=model.grid_size, target=built, device=device)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 2**30, 80 * 2**30))
+    with caplog.at_level("WARNING"):
+        estimate = engine_pretrain.warn_if_memory_short(model, args, device, 1, targets_fn, mask_fn,
+                                                        frozen_owners=[built])
+    assert estimate is not None and "failed" not in caplog.text
+    expected_frozen = sum(t.numel() * 4 for t in teacher.state_dict().values()) if teacher is not None else 0
+    assert estimate.frozen == pytest.approx(expected_frozen, rel=0.02)  # the teacher, counted once
+    assert estimate.activations_per_image > 0

@@ -163,8 +163,9 @@ def test_sigterm_to_every_process_saves_mid_epoch_and_exits_cleanly(setup, tmp_p
     assert proc.returncode == 0, output[-3000:]
     assert "stopped cleanly" in output
     # The workers ignore it (util.datasets.ignore_stop_signals), rather than only inheriting the main process's
-    # handler, which a forked worker does but a spawned or forkserver one does not.
-    assert "2 workers, ignoring SIGTERM: True" in output
+    # handler, which a forked worker does but a spawned or forkserver one does not. In epoch 1 both loaders' workers
+    # are alive: the training loader's and the (persistent) validation loader's.
+    assert "4 workers, ignoring SIGTERM: True" in output
     state = load_checkpoint(out / "checkpoint-last.pth")
     assert (state["epoch"], state["iter"]) == (1, 2)
 

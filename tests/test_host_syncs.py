@@ -130,3 +130,24 @@ def test_the_gpu_check_turns_the_sync_debugger_on_between_logging_steps_only(tmp
     with pytest.raises(RuntimeError, match="synchronizing"):
         sync_check.check_no_sync("pixel", "cpu", tmp_path, set_mode=failing_step)
     assert modes[-1] == "default"  # never left in "error" mode
+
+
+def test_the_gpu_check_counts_the_synchronising_calls_of_fp16_steps(tmp_path, monkeypatch):
+    """sync_check.count_syncs (fp16 on a GPU; --amp none here, the steps stood in for): the debugger is at "warn"
+    between the first and the last step and every warning it gives there is counted."""
+    import warnings
+
+    modes: list[str] = []
+
+    def warning_debugger(mode: str) -> None:
+        modes.append(mode)
+        if mode == "warn":  # stands for one synchronising call in each checked step
+            warnings.warn("called a synchronizing CUDA operation", UserWarning)
+
+    def steps(args, on_step):
+        for step in [*range(STEPS), -1]:
+            on_step(step)
+
+    monkeypatch.setattr(sync_check, "run_steps", steps)
+    assert sync_check.count_syncs("pixel", "cpu", tmp_path, amp="none", set_mode=warning_debugger) == STEPS - 2
+    assert modes.count("warn") == STEPS - 2 and modes[-1] == "default"

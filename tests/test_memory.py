@@ -111,25 +111,57 @@ def test_estimate_leaves_the_random_streams_alone(tiny_model):
 def test_pretraining_start_up_check_warns_with_the_flags_that_fit(monkeypatch, caplog):
     """util.memory.warn_if_memory_short runs on CUDA only (main_pretrain calls it at start): here the device queries
     are mocked, the estimate is real."""
-    import argparse
-
-    from conftest import TINY
-
-    import models_deepmim
-
     model = models_deepmim.create_model("deepmim_vit_small_patch16", **TINY)
-    args = argparse.Namespace(batch_size=4096, input_size=32, amp="none", accum_iter=1)
-    needed = memory.estimate_training_memory(model, args.batch_size, input_size=32, amp="none", device="cpu").total
+    batch = memory.image_batch(32, "cpu")
+    needed = memory.estimate_training_memory(model, 4096, input_size=32, amp="none", device="cpu").total
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, needed))  # just too small
     with caplog.at_level("WARNING"):
-        memory.warn_if_memory_short(model, args.batch_size, args.input_size, args.amp, args.accum_iter,
-                                    torch.device("cpu"), world_size=1)
+        memory.warn_if_memory_short(model, 4096, batch, "none", 1, torch.device("cpu"), world_size=1)
     assert "--grad_ckpt" in caplog.text and "--batch_size" in caplog.text
     caplog.clear()
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**40, 2**40))  # plenty
     with caplog.at_level("WARNING"):
-        memory.warn_if_memory_short(model, args.batch_size, args.input_size, args.amp, args.accum_iter,
-                                    torch.device("cpu"), world_size=1)
+        memory.warn_if_memory_short(model, 4096, batch, "none", 1, torch.device("cpu"), world_size=1)
     assert "--grad_ckpt" not in caplog.text
+
+
+def test_a_failing_estimate_warns_and_the_run_goes_on(tiny_model, monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    def broken(n):
+        raise RuntimeError("The size of tensor a (108) must match the size of tensor b (768)")
+
+    with caplog.at_level("WARNING"):
+        result = memory.warn_if_memory_short(tiny_model, 8, broken, "none", 1, torch.device("cpu"), world_size=1)
+    assert result is None and "memory estimate failed (RuntimeError: The size of tensor a (108)" in caplog.text
+
+
+class Holder:
+    def __init__(self, teacher):
+        self.teacher = teacher
+
+    def attention(self, imgs):
+        return imgs
+
+
+def test_frozen_networks_held_by_targets_functions_are_found_and_counted(tiny_model):
+    """Teachers and generators hide in closures, bound methods, partials and attributes: all are found, and only
+    weights that are not the student's are counted."""
+    import functools
+
+    teacher, generator = torch.nn.Linear(10, 10), torch.nn.Linear(20, 5).half()
+
+    def targets_fn(imgs, noise):
+        return generator(teacher(imgs))
+
+    found = memory.reachable_modules(targets_fn, Holder(teacher).attention,
+                                     functools.partial(print, [tiny_model]), None, 3)
+    assert {id(m) for m in found} == {id(teacher), id(generator), id(tiny_model)}
+    expected = (10 * 10 + 10) * 4 + (20 * 5 + 5) * 2
+    assert memory.frozen_bytes(tiny_model, found) == expected
+    estimate = memory.estimate_training_memory(tiny_model, 8, input_size=32, amp="none", device="cpu",
+                                               frozen=found)
+    plain = memory.estimate_training_memory(tiny_model, 8, input_size=32, amp="none", device="cpu")
+    assert estimate.frozen == expected and estimate.total - plain.total == expected

@@ -127,9 +127,27 @@ def test_gpus_are_requested_even_from_a_login_node_without_cuda(name, tmp_path, 
     assert executor.parameters["tasks_per_node"] == 8 and executor.parameters["nodes"] == 2
     job = executor.submitted
     assert isinstance(job, submit.Job)
-    assert job.args.device is None and job.args.amp is None  # resolved in the job, on the compute node
+    # GPUs requested: the job may not fall back to the CPU (util.amp.resolve_device); amp is resolved in the job
+    assert job.args.device == "cuda" and job.args.amp is None
     assert job.args.dist_url == "env://"
+    # one failing task ends the step at once instead of leaving the others in a collective until the timeout
+    assert "--kill-on-bad-exit=1" in executor.parameters["slurm_srun_args"]
+    assert executor.parameters["cpus_per_task"] == submit.DEFAULT_CPUS_PER_TASK == job.args.cpus_per_task
+    assert executor.parameters["mem_gb"] == 8 * submit.DEFAULT_MEM_GB_PER_GPU == job.args.mem_gb  # recorded
+    assert executor.parameters["slurm_signal_delay_s"] == 120
     assert not (tmp_path / "jobs").exists()
+
+
+def test_slurm_resources_are_flags(tmp_path, login_node):
+    submitit_pretrain.main([*launcher_argv("pretrain", tmp_path), "--nodes", "1", "--ngpus", "4", "--cluster", "slurm",
+                            "--cpus_per_task", "12", "--mem_gb", "500", "--timeout", "120",
+                            "--job_dir", str(tmp_path / "job")])
+    (executor,) = login_node
+    assert (executor.parameters["cpus_per_task"], executor.parameters["mem_gb"]) == (12, 500)
+    assert executor.parameters["timeout_min"] == 120 and executor.submitted.args.cpus_per_task == 12
+    for bad in (["--cpus_per_task", "0"], ["--mem_gb", "0"]):
+        with pytest.raises(SystemExit):
+            submitit_pretrain.main([*launcher_argv("pretrain", tmp_path), "--cluster", "slurm", *bad])
 
 
 @pytest.mark.parametrize("name", LAUNCHERS)

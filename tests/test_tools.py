@@ -403,6 +403,8 @@ def test_device_defaults_to_cuda_when_available(files, monkeypatch, cuda):
     parsers = {name: tool.get_args_parser() for name, tool in TOOLS.items()}  # built before the mock, as at import
     assert all(parser.get_default("device") is None for parser in parsers.values())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    for name in (*amp.GPU_LIST_VARS, *amp.GPU_COUNT_VARS):  # no GPU requested (else no CPU fallback)
+        monkeypatch.delenv(name, raising=False)
     args = parsers["head_diversity"].parse_args(["--ckpt", files["mae"], "--demo_images"])
     cli.check_common_args(args)
     assert args.device == ("cuda" if cuda else "cpu") == amp.resolve_device(None)

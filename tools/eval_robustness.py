@@ -186,7 +186,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     info = distributed.init_distributed(args.device)
     try:
         if info.distributed and args.device.startswith("cuda"):
-            args.device = f"cuda:{info.local_rank}"
+            args.device = str(info.device("cuda"))  # local rank modulo the GPUs this task sees
         if info.distributed:
             setup_logging()  # again, now that the ranks are known: ranks other than 0 log warnings only
         models = load_classifiers(args, len(wnids))

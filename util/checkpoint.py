@@ -219,19 +219,28 @@ def gather_rng() -> list[dict[str, Any]]:
     return states
 
 
+def checkpoint_files(output_dir: str, epoch: int, step: int, save_freq: int, epochs: int,
+                     refresh_last: bool = True) -> list[Path]:
+    """The files a save after `step` steps of `epoch` writes: checkpoint-<epoch>.pth at every `save_freq`-th epoch
+    end and the last one, and checkpoint-last.pth when `refresh_last` (or mid-epoch, always)."""
+    out = Path(output_dir)
+    paths = [out / "checkpoint-last.pth"] if refresh_last or step != 0 else []
+    if step == 0 and ((epoch + 1) % save_freq == 0 or epoch + 1 == epochs):
+        paths.insert(0, out / f"checkpoint-{epoch}.pth")
+    return paths
+
+
 def save_training_checkpoint(state: dict[str, Any], output_dir: str, save_freq: int, epochs: int,
-                             writer: BackgroundWriter | None = None) -> None:
-    """Rank 0 writes checkpoint-last.pth, and checkpoint-<epoch>.pth at every `save_freq`-th epoch end (atomically).
+                             writer: BackgroundWriter | None = None, refresh_last: bool = True) -> None:
+    """Rank 0 writes `checkpoint_files` (atomically): checkpoint-last.pth unless `refresh_last` is False at an epoch
+    end, and checkpoint-<epoch>.pth at every `save_freq`-th epoch end.
 
     With a `writer`, the files are written in its background thread from a CPU copy taken now, so the other ranks
     do not wait for rank 0's disk; without one (mid-epoch saves, stop signals) they are on disk when this returns,
     after any background write still in flight."""
     if not distributed.is_main_process():
         return
-    out, epoch = Path(output_dir), state["epoch"]
-    paths = [out / "checkpoint-last.pth"]
-    if state["iter"] == 0 and ((epoch + 1) % save_freq == 0 or epoch + 1 == epochs):
-        paths.insert(0, out / f"checkpoint-{epoch}.pth")
+    paths = checkpoint_files(output_dir, state["epoch"], state["iter"], save_freq, epochs, refresh_last)
     if writer is not None:
         writer.submit(state, paths)
         return

@@ -231,13 +231,13 @@ def build_loaders(args: argparse.Namespace, train: Dataset, val: Dataset) -> tup
         num_real = real_samples_on_rank(val_sampler)
     else:
         val_sampler = SequentialSampler(val)
-    # Workers ignore stop signals (the main process saves, then shuts them down). Training workers persist across
-    # epochs: the epoch travels with the sampler's indices. Own generators leave the global RNG to the model.
+    # Workers ignore stop signals (the main process saves, then shuts them down). Workers persist across epochs
+    # (training: the epoch travels with the sampler's indices; validation reads fixed images), so neither loader
+    # forks its workers again every epoch. Own generators leave the global RNG to the model.
     common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.startswith("cuda"),
-                  worker_init_fn=ignore_stop_signals)
+                  worker_init_fn=ignore_stop_signals, persistent_workers=args.num_workers > 0)
     train_loader = DataLoader(train, sampler=train_sampler, batch_size=args.batch_size, drop_last=True,
-                              generator=torch.Generator().manual_seed(args.seed),
-                              persistent_workers=args.num_workers > 0, **common)
+                              generator=torch.Generator().manual_seed(args.seed), **common)
     val_loader = DataLoader(val, sampler=val_sampler, batch_size=args.batch_size, drop_last=False,
                             generator=torch.Generator().manual_seed(args.seed), **common)
     return train_loader, val_loader, num_real

@@ -21,7 +21,7 @@ import torch
 
 from util import checkpoint as ckpt
 from util import distributed, resume
-from util.amp import AMP_CHOICES, configure_backends, resolve_machine
+from util.amp import AMP_CHOICES, configure_backends, describe_machine, resolve_machine
 from util.cls_data import check_classification_folders
 from util.config import (
     add_config_args,
@@ -91,6 +91,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dist_eval", action="store_true", help="shard evaluation over ranks (exact, padding skipped)")
     g.add_argument("--dist_url", default="env://", help="process-group URL (MAE)")
     distributed.add_legacy_launcher_args(g)
+    distributed.add_dist_args(g)
     add_compile_args(g)
     add_global_batch_arg(g)
     add_config_args(parser)
@@ -165,10 +166,11 @@ def setup_run(args: argparse.Namespace) -> torch.device:
     """Device and precision of this machine, process group, logging, lr, seed, output folder and run_info.json."""
     resolve_machine(args)  # on the machine that trains (in a SLURM job: the compute node)
     distributed.apply_legacy_launcher_args(args)
-    info = distributed.init_distributed(args.device, args.dist_url)
+    info = distributed.init_distributed(args.device, args.dist_url, args.dist_backend, args.output_dir or None)
     if info.distributed and args.device.startswith("cuda"):
-        args.device = f"cuda:{info.local_rank}"
+        args.device = str(info.device("cuda"))  # this rank's GPU (local rank modulo the GPUs it sees)
     setup_logging(None if args.eval else args.output_dir)  # --eval never writes into a training run's folder
+    logger.info("%s", describe_machine(args.device, args.amp))  # decided before logging was set up
     apply_global_batch(args, info.world_size)  # a config's global batch: --accum_iter for this world size
     resolve_lr(args, info.world_size)
     seed_everything(args.seed + info.rank)

@@ -337,21 +337,31 @@ class ResumableDistributedSampler(DistributedSampler):
 
 # Busy threads of a training process besides its loader workers: the main process and the pin-memory thread.
 MAIN_PROCESS_THREADS = 2
+# Workers per training process (per GPU), at most: our JPEG pipeline gives 330-500 images/s per worker
+# (benchmarks/RESULTS.md), so 16 feed ~5000-8000 images/s, above what one GPU pre-trains ViT-B at; more only cost
+# memory and fork time (MAE's launcher used 10 per GPU).
+MAX_WORKERS_PER_PROCESS = 16
 
 
 def default_num_workers() -> int:
-    """DataLoader workers per training process from the CPUs this process may run on.
+    """DataLoader workers per training process from the CPUs this process may use, at most
+    MAX_WORKERS_PER_PROCESS.
 
-    The CPUs are those of `os.sched_getaffinity(0)`. When that is the whole machine (torchrun, or SLURM without
-    CPU binding), the processes of this node share it: divided by LOCAL_WORLD_SIZE (1 when unset). When it is a
-    subset (SLURM bound the task to its --cpus-per-task), it is this process's own. Minus the main process and the
-    pin-memory thread, at least 0 (0: load in the main process).
+    The CPUs are those of `os.sched_getaffinity(0)`, shared by the training processes of this node that were
+    started from one task: torchrun's LOCAL_WORLD_SIZE children (TORCHELASTIC_RUN_ID set) always share their
+    parent's set, e.g. 8 ranks under one `--cpus-per-task=64` task. A process that SLURM started as its own task
+    (srun, submitit) has SLURM_CPUS_PER_TASK CPUs, whether or not SLURM bound it to them. Otherwise the set is
+    divided by LOCAL_WORLD_SIZE (1 when unset). Minus the main process and the pin-memory thread, at least 0 (0:
+    load in the main process).
     """
     machine = os.cpu_count() or 1
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else machine
-    if cpus >= machine:
+    task_cpus = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
+    if "TORCHELASTIC_RUN_ID" not in os.environ and task_cpus.isdigit() and int(task_cpus) > 0:
+        cpus = min(cpus, int(task_cpus))
+    else:
         cpus //= _local_world_size()
-    return max(0, cpus - MAIN_PROCESS_THREADS)
+    return min(MAX_WORKERS_PER_PROCESS, max(0, cpus - MAIN_PROCESS_THREADS))
 
 
 def _local_world_size() -> int:

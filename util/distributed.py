@@ -1,19 +1,40 @@
 """Rank and world helpers; process-group set-up from torchrun (env://) or submitit/SLURM.
 
-Backend: NCCL on CUDA, gloo on CPU. A plain `python main_*.py` runs as a single process with no process group.
+Backend: NCCL on CUDA, gloo on CPU (`--dist_backend gloo` also on CUDA: two ranks can share one GPU, which NCCL
+refuses). A plain `python main_*.py` runs as a single process with no process group.
+
+Failures on a cluster: joining the group may take long (ranks start minutes apart, datasets are scanned, checkpoints
+read), so it gets `INIT_TIMEOUT`; once training starts (`set_training_timeout`) a collective that waits longer than
+`--dist_timeout` minutes means a rank is stuck or gone, and the job should fail fast (and be requeued) rather than
+hold every GPU for half an hour. Under NCCL, a timed-out collective dumps its flight recorder
+(TORCH_NCCL_DUMP_ON_TIMEOUT) next to the run's output, and NCCL warnings are printed (NCCL_DEBUG=WARN), unless the
+user set those variables. `failures_logged` names the rank whose exception ends the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+import socket
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
+
+BACKENDS = ("nccl", "gloo")
+INIT_TIMEOUT = datetime.timedelta(minutes=30)  # rendezvous and start-up collectives (torch's default for gloo)
+TRAINING_TIMEOUT_MIN = 10  # --dist_timeout default: torch's NCCL default; a stuck rank fails the job within it
+NCCL_DIAGNOSTICS = {
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",  # a timed-out collective dumps what every rank was doing
+    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",  # the flight recorder's entries (0 turns it off)
+    "NCCL_DEBUG": "WARN",
+}
+_CPU_GROUP: dict[str, object] = {}  # a gloo group beside an NCCL default group: host flags without CUDA syncs
 
 
 @dataclass
@@ -22,6 +43,17 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     distributed: bool = False
+
+    def device(self, device: str) -> torch.device:
+        """The torch.device this process trains on: 'cuda' becomes this rank's GPU (`cuda_index`)."""
+        return torch.device("cuda", cuda_index(self.local_rank)) if device == "cuda" else torch.device(device)
+
+
+def cuda_index(local_rank: int) -> int:
+    """The GPU of a local rank: `local_rank % device_count()`, so that a cluster that binds one GPU per task (each
+    task sees one device, index 0) and one that shows all GPUs to every task both work, as does more than one rank
+    per GPU (`--dist_backend gloo`)."""
+    return local_rank % max(1, torch.cuda.device_count())
 
 
 def is_dist() -> bool:
@@ -47,11 +79,13 @@ def _env_int(*names: str) -> int | None:
     return None
 
 
-def init_distributed(device: str, dist_url: str = "env://") -> DistInfo:
+def init_distributed(device: str, dist_url: str = "env://", backend: str | None = None,
+                     trace_dir: str | None = None) -> DistInfo:
     """Join the process group when launched by torchrun (RANK/WORLD_SIZE) or SLURM/submitit (SLURM_PROCID).
 
     `dist_url` is MAE's flag: 'env://' reads MASTER_ADDR/PORT (what torchrun and the submitit launchers export);
-    a 'tcp://' URL works under a bare srun.
+    a 'tcp://' URL works under a bare srun. `backend`: --dist_backend (default NCCL on CUDA, gloo on the CPU).
+    `trace_dir`: where NCCL's flight recorder dumps on a timeout (default: torch's, /tmp).
     """
     rank = _env_int("RANK", "SLURM_PROCID")
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS")
@@ -62,14 +96,114 @@ def init_distributed(device: str, dist_url: str = "env://") -> DistInfo:
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
     _check_rendezvous(dist_url)
     use_cuda = device.startswith("cuda")
+    backend = backend or ("nccl" if use_cuda else "gloo")
+    if backend not in BACKENDS or (backend == "nccl" and not use_cuda):
+        raise ValueError(f"--dist_backend {backend}: use one of {BACKENDS} (nccl needs a CUDA --device)")
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-    backend = "nccl" if use_cuda else "gloo"
-    dist.init_process_group(
-        backend, init_method=dist_url, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30)
-    )
+        torch.cuda.set_device(cuda_index(local_rank))
+    if backend == "nccl":
+        set_nccl_diagnostics(trace_dir)
+    dist.init_process_group(backend, init_method=dist_url, rank=rank, world_size=world, timeout=INIT_TIMEOUT)
+    if backend == "nccl":
+        _CPU_GROUP["group"] = dist.new_group(backend="gloo", timeout=INIT_TIMEOUT)
     logger.info("distributed init: rank %d/%d (%s, %s)", rank, world, backend, dist_url)
     return DistInfo(rank, world, local_rank, True)
+
+
+def set_nccl_diagnostics(trace_dir: str | None = None) -> dict[str, str]:
+    """Set NCCL_DIAGNOSTICS (and the flight recorder's dump file in `trace_dir`) where the user has not; returns
+    what was set. Must run before the NCCL group is created."""
+    wanted = dict(NCCL_DIAGNOSTICS)
+    if trace_dir:
+        wanted["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] = os.path.join(os.path.abspath(trace_dir), "nccl_trace_rank_")
+    added = {name: value for name, value in wanted.items() if name not in os.environ}
+    os.environ.update(added)
+    return added
+
+
+def set_training_timeout(minutes: float) -> None:
+    """From now on, a collective that waits more than `minutes` fails (NCCL aborts the process; gloo raises), so a
+    stuck or dead rank ends the job instead of holding the others. Call on every rank when training starts (the
+    start-up ran under INIT_TIMEOUT). No-op without a process group."""
+    if not is_dist():
+        return
+    timeout = datetime.timedelta(minutes=minutes)
+    set_timeout = getattr(dist, "set_timeout", None) or getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if set_timeout is None:  # torch < 2.3
+        logger.warning("this torch cannot change a process group's timeout: collectives keep %s", INIT_TIMEOUT)
+        return
+    for group in {id(g): g for g in (dist.group.WORLD, cpu_group()) if g is not None}.values():
+        set_timeout(timeout, group)
+    logger.info("collective timeout during training: %g min (--dist_timeout)", minutes)
+
+
+def cpu_group() -> object | None:
+    """The group for small host-side flags: a gloo group beside an NCCL default group (no CUDA tensor, so reading
+    the result never waits for the GPU), else the default group (None)."""
+    return _CPU_GROUP.get("group")
+
+
+class LaggedAgreement:
+    """Flags that every rank agrees on one call late, without blocking a step.
+
+    `exchange(flags)` sends this rank's flags in an asynchronous all-reduce (MAX over ranks, host tensors on
+    `cpu_group()`) and returns the result of the previous call's reduce, waited for now: it was issued a whole step
+    earlier, so it is normally complete, and every rank gets the same answer at the same call. Without a process
+    group the flags come back at once."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.pending: tuple[torch.Tensor, object] | None = None
+
+    def _collect(self) -> list[bool]:
+        if self.pending is None:
+            return [False] * self.size
+        values, work = self.pending
+        self.pending = None
+        work.wait()
+        return [bool(v) for v in values.tolist()]
+
+    def exchange(self, flags: Sequence[bool]) -> list[bool]:
+        """This rank's flags in; the flags of the previous call, OR-ed over ranks, out (all False at the first)."""
+        if not is_dist():
+            return [bool(f) for f in flags]
+        agreed = self._collect()
+        values = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+        work = dist.all_reduce(values, op=dist.ReduceOp.MAX, group=cpu_group(), async_op=True)
+        self.pending = (values, work)
+        return agreed
+
+    def now(self, flags: Sequence[bool]) -> list[bool]:
+        """A blocking exchange: `flags` and any pending ones, OR-ed over ranks, agreed before returning."""
+        merged = [bool(a) or bool(b) for a, b in zip(flags, self._collect())]
+        if not is_dist():
+            return merged
+        values = torch.tensor([int(f) for f in merged], dtype=torch.int32)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=cpu_group())
+        return [bool(v) for v in values.tolist()]
+
+
+@contextlib.contextmanager
+def failures_logged() -> Iterator[None]:
+    """Log the exception that ends this process, naming its rank and host, before it propagates: among the
+    interleaved output of 32 ranks, the rank that failed first is the one to read. Every rank logs errors."""
+    try:
+        yield
+    except SystemExit as err:
+        if err.code not in (0, None):
+            _log_failure(err)
+        raise
+    except BaseException as err:
+        _log_failure(err)
+        raise
+
+
+def _log_failure(err: BaseException) -> None:
+    rank = get_rank() if is_dist() else (_env_int("RANK", "SLURM_PROCID") or 0)
+    world = get_world_size() if is_dist() else (_env_int("WORLD_SIZE", "SLURM_NTASKS") or 1)
+    local = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
+    logger.error("rank %d of %d (local rank %d on %s) failed: %s: %s", rank, world, local, socket.gethostname(),
+                 type(err).__name__, err)
 
 
 def _check_rendezvous(dist_url: str) -> None:
@@ -100,6 +234,7 @@ def cleanup() -> None:
     failure here must not hide the error that ended the run, nor keep a requeued job from exiting)."""
     if not is_dist():
         return
+    _CPU_GROUP.clear()
     try:
         dist.destroy_process_group()
     except Exception as err:  # noqa: BLE001 - best effort at exit; the exit reason matters more
@@ -122,6 +257,16 @@ def add_legacy_launcher_args(parser) -> None:
                         help="MAE's flag for OpenMPI launches (mpirun, e.g. Microsoft's ITP cluster): rank, world "
                              "size and local rank come from OMPI_COMM_WORLD_RANK/_SIZE/_LOCAL_RANK; MASTER_ADDR and "
                              "MASTER_PORT must be set, as in MAE. Not needed under torchrun or SLURM")
+
+
+def add_dist_args(parser) -> None:
+    """`--dist_backend` and `--dist_timeout`, shared by every entry script."""
+    parser.add_argument("--dist_backend", default=None, choices=BACKENDS,
+                        help="process-group backend (default: nccl on CUDA, gloo on the CPU; gloo on CUDA lets "
+                             "several ranks share one GPU, e.g. a 2-rank check on one GPU)")
+    parser.add_argument("--dist_timeout", default=TRAINING_TIMEOUT_MIN, type=float,
+                        help="minutes a collective may wait once training runs before the job fails (start-up "
+                             f"gets {INIT_TIMEOUT.seconds // 60})")
 
 
 def apply_legacy_launcher_args(args) -> None:

@@ -4,7 +4,8 @@ What one training step keeps on the device, per process:
 
 - weights (parameters and buffers), gradients of the trainable parameters, the optimizer's state (AdamW: two
   float32 moments per trainable parameter) and, under DDP, its gradient buckets (one more copy of the gradients:
-  `gradient_as_bucket_view=False`, torch's default);
+  `gradient_as_bucket_view=False`, torch's default); the weights of frozen networks the step also runs (teachers,
+  the DeepMIM+ generator: `frozen`, found by `reachable_modules`);
 - activations: the tensors autograd saves for the backward. They are measured, not modelled: a forward at two small
   batch sizes runs under `torch.autograd.graph.saved_tensors_hooks`, every saved tensor is counted once per storage
   (views share one), parameters are left out (counted as weights), and the two totals give a per-image cost and a
@@ -23,7 +24,9 @@ This module imports nothing of the project: the model is an argument.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -51,7 +54,7 @@ class MemoryEstimate:
     activations_per_image_plain / _ckpt: the same without / with activation checkpointing (None when the model
     cannot switch it: no `set_grad_checkpointing`); recompute_per_image: the largest block's activations, held while
     a checkpointed block is recomputed (0 without checkpointing); fixed_activations: the batch-independent part of
-    the saved tensors (autocast's weight copies)."""
+    the saved tensors (autocast's weight copies); frozen: weights of frozen teachers / generators."""
 
     batch_size: int
     grad_ckpt: bool
@@ -67,6 +70,7 @@ class MemoryEstimate:
     activations_per_image_ckpt: int | None = None
     recompute_per_image_ckpt: int = 0
     fragmentation: float = DEFAULT_FRAGMENTATION
+    frozen: int = 0
 
     @property
     def activations(self) -> int:
@@ -77,8 +81,9 @@ class MemoryEstimate:
 
     @property
     def states(self) -> int:
-        """Batch-independent bytes: weights, gradients, optimizer state, DDP buckets, reserve."""
-        return self.weights + self.grads + self.optimizer + self.ddp_buckets + self.reserve
+        """Batch-independent bytes: weights (the model's and frozen networks'), gradients, optimizer state, DDP
+        buckets, reserve."""
+        return self.weights + self.frozen + self.grads + self.optimizer + self.ddp_buckets + self.reserve
 
     @property
     def total(self) -> int:
@@ -107,7 +112,7 @@ class MemoryEstimate:
             "batch_size": self.batch_size, "grad_ckpt": self.grad_ckpt,
             "activations_mib_per_image": (self.activations_per_image + self.recompute_per_image) / MiB,
             "activations_gib": self.activations / GiB, "weights_gib": self.weights / GiB,
-            "grads_gib": self.grads / GiB, "optimizer_gib": self.optimizer / GiB,
+            "frozen_gib": self.frozen / GiB, "grads_gib": self.grads / GiB, "optimizer_gib": self.optimizer / GiB,
             "ddp_buckets_gib": self.ddp_buckets / GiB, "reserve_gib": self.reserve / GiB, "total_gib": self.total / GiB,
         }
 
@@ -239,6 +244,61 @@ def tensor_bytes(tensors: Iterator[Tensor] | Sequence[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def reachable_modules(*roots: Any, max_depth: int = 6) -> list[nn.Module]:
+    """The nn.Modules that `roots` hold: themselves, their attributes, the objects of bound methods, the variables
+    a function closes over, the parts of a functools.partial and the items of containers, `max_depth` levels deep.
+    What a run's targets function, target object and masking strategy keep alive (teachers, a generator), whatever
+    kind of target they are."""
+    found: dict[int, nn.Module] = {}
+    seen: set[int] = set()
+
+    def visit(obj: Any, depth: int) -> None:
+        if depth > max_depth or id(obj) in seen or isinstance(obj, (Tensor, type, types.ModuleType, str, bytes)):
+            return
+        seen.add(id(obj))
+        if isinstance(obj, nn.Module):
+            found[id(obj)] = obj
+            return
+        if isinstance(obj, types.MethodType):
+            children: list[Any] = [obj.__self__, obj.__func__]
+        elif isinstance(obj, types.FunctionType):
+            children = [cell.cell_contents for cell in obj.__closure__ or () if _cell_filled(cell)]
+        elif isinstance(obj, functools.partial):
+            children = [obj.func, *obj.args, *obj.keywords.values()]
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            children = list(obj)
+        elif isinstance(obj, dict):
+            children = list(obj.values())
+        else:
+            children = list(getattr(obj, "__dict__", {}).values())
+        for child in children:
+            visit(child, depth + 1)
+
+    for root in roots:
+        visit(root, 0)
+    return list(found.values())
+
+
+def _cell_filled(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # a variable not yet bound
+        return False
+    return True
+
+
+def frozen_bytes(model: nn.Module, modules: Sequence[nn.Module]) -> int:
+    """Bytes of the distinct parameter and buffer storages of `modules` that are not `model`'s."""
+    own = {storage_key(t) for t in (*model.parameters(), *model.buffers())}
+    counted: dict[tuple[str, int], int] = {}
+    for module in modules:
+        for tensor in (*module.parameters(), *module.buffers()):
+            key = storage_key(tensor)
+            if key is not None and key not in own:
+                counted[key] = tensor.untyped_storage().nbytes()
+    return sum(counted.values())
+
+
 def image_batch(input_size: int | tuple[int, int], device: torch.device | str,
                 channels: int = 3) -> MakeBatch:
     """make_batch for models called as model(images): normalised float32 images of `input_size`."""
@@ -264,6 +324,7 @@ def estimate_training_memory(
     probe_batch: int = 2,
     reserve: int = DEFAULT_RESERVE,
     fragmentation: float = DEFAULT_FRAGMENTATION,
+    frozen: Sequence[nn.Module] = (),
 ) -> MemoryEstimate:
     """Estimate one process's training memory at `batch_size` images per step.
 
@@ -274,6 +335,7 @@ def estimate_training_memory(
     probe_batch: images of the smaller of the two measuring forwards (the other has twice as many); the global RNG
     states (CPU, and CUDA for a CUDA device) are restored afterwards. reserve: bytes
     for the CUDA context and workspaces (pass 0 on the CPU); fragmentation: allocator overhead on activations.
+    frozen: networks the step runs besides `model` (teachers, generators): their weights are counted.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     make_batch = make_batch or image_batch(input_size, device)
@@ -297,7 +359,7 @@ def estimate_training_memory(
         reserve=reserve,
         activations_per_image_plain=per_mode[False][0] if False in per_mode else None,
         activations_per_image_ckpt=per_mode[True][0] if True in per_mode else None,
-        recompute_per_image_ckpt=largest_block, fragmentation=fragmentation,
+        recompute_per_image_ckpt=largest_block, fragmentation=fragmentation, frozen=frozen_bytes(model, frozen),
     )
 
 
@@ -361,17 +423,26 @@ def memory_advice(
     return "\n".join(lines)
 
 
-def warn_if_memory_short(model: nn.Module, batch_size: int, input_size: int, amp: str, accum_iter: int,
-                         device: torch.device, world_size: int) -> MemoryEstimate:
-    """Start-up check on CUDA: estimate this GPU's peak memory for the chosen batch (a few small forwards), log it,
-    and warn, naming the flags that would fit (--batch_size/--accum_iter, --grad_ckpt, --use_volta32). Frozen
-    teachers and the DeepMIM+ generator are not counted."""
-    estimate = estimate_training_memory(model, batch_size, input_size=input_size, amp=amp, device=device,
-                                        ddp=world_size > 1)
-    _, total = torch.cuda.mem_get_info(device)
+def warn_if_memory_short(model: nn.Module, batch_size: int, make_batch: MakeBatch, amp: str, accum_iter: int,
+                         device: torch.device, world_size: int,
+                         frozen: Sequence[nn.Module] = ()) -> MemoryEstimate | None:
+    """Start-up check on CUDA: estimate this GPU's peak memory for the chosen batch (a few small forwards of
+    `model(*make_batch(n))`, the run's own inputs and targets), log it, and warn, naming the flags that would fit
+    (--batch_size/--accum_iter, --grad_ckpt, --use_volta32). `frozen`: teachers / generator, counted as weights.
+    The estimate only advises: if it fails, a warning says so and the run goes on (returns None)."""
+    try:
+        estimate = estimate_training_memory(model, batch_size, make_batch=make_batch, amp=amp, device=device,
+                                            ddp=world_size > 1, frozen=frozen)
+        _, total = torch.cuda.mem_get_info(device)
+        name = torch.cuda.get_device_name(device)
+    except Exception as err:  # noqa: BLE001 - advice must never end a run
+        logger.warning("start-up memory estimate failed (%s: %s); training goes on without it",
+                       type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        return None
+    finally:
+        torch.cuda.empty_cache()
     logger.info("memory estimate %.1f GiB of %.1f GiB: %s", estimate.total / 2**30, total / 2**30, estimate.summary())
-    advice = memory_advice(estimate, total, accum_iter=accum_iter, device_name=torch.cuda.get_device_name(device))
+    advice = memory_advice(estimate, total, accum_iter=accum_iter, device_name=name)
     if advice:
         logger.warning(advice)
-    torch.cuda.empty_cache()
     return estimate

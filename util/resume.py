@@ -30,9 +30,10 @@ logger = logging.getLogger(__name__)
 IGNORED_SETTINGS = frozenset({
     "output_dir", "log_dir", "job_dir", "data_path",
     "resume", "start_epoch", "resume_allow_changes",
-    "print_freq", "save_freq", "save_every_iters", "vis_freq", "max_bad_images", "eval", "dist_eval",
-    "num_workers", "pin_mem", "dist_url", "device", "amp",
-    "ngpus", "nodes", "timeout", "partition", "use_volta32", "comment", "cluster", "max_requeues",
+    "print_freq", "save_freq", "save_every_iters", "save_every_minutes", "vis_freq", "max_bad_images", "eval",
+    "dist_eval", "num_workers", "pin_mem", "dist_url", "dist_backend", "dist_timeout", "device", "amp",
+    "ngpus", "nodes", "timeout", "partition", "use_volta32", "comment", "cluster", "max_requeues", "cpus_per_task",
+    "mem_gb",
     "config", "print_config", "grad_ckpt", "compile", "compile_backend", "local_rank", "world_size",
     "dist_on_itp",
 })

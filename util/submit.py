@@ -2,7 +2,8 @@
 
 What is decided where:
   * on the submitting (login) node, nothing machine-dependent: the job asks for --ngpus GPUs per node unless the
-    user passed --device cpu, and the submitted args keep --device / --amp as given (None by default);
+    user passed --device cpu, and then submits --device cuda (a job given GPUs never trains on the CPU: if the node's
+    torch cannot use them it stops, `util.amp.resolve_device`); --amp stays as given (None by default);
   * inside the job, on every task: submitit's `TorchDistributedEnvironment` exports MASTER_ADDR, MASTER_PORT, RANK,
     WORLD_SIZE and LOCAL_RANK from the SLURM environment and the process group joins with --dist_url env:// (a
     fresh rendezvous for every incarnation of the job, with no file shared between them); the entry script's
@@ -11,7 +12,11 @@ What is decided where:
 
 The job is checkpointable: on preemption or time-out, submitit calls `Job.checkpoint`, which requeues the same
 job (with the args as submitted, not as resolved on the node) with `--resume auto`, so the new job continues from
-the newest valid checkpoint in the job folder.
+the newest valid checkpoint in the job folder. SLURM sends submitit's USR2 SIGNAL_DELAY_S before the time limit
+(util/preemption.py requeues from a watchdog if the loop does not reach a stop check in time).
+
+srun runs with --kill-on-bad-exit=1: a task that fails ends the whole step at once (and the job can be requeued or
+resubmitted) instead of leaving the other ranks waiting in a collective until the timeout.
 """
 
 from __future__ import annotations
@@ -26,8 +31,16 @@ from typing import Any, Callable
 from util import distributed
 from util.checkpoint import list_checkpoints
 from util.config import derive_accum_iter, maybe_print_config, parse_with_config
+from util.preemption import SIGNAL_DELAY_S
 
 CLUSTERS = ("slurm", "local", "debug")
+# Per task (GPU): 8 CPUs and 32 GB fit 8-GPU nodes with 64 cores and 256 GB, the smallest common 8-GPU node; 24 h is
+# a usual partition limit (a longer --timeout than the partition allows leaves the job pending for ever; a time-out
+# requeues and resumes anyway).
+DEFAULT_CPUS_PER_TASK = 8
+DEFAULT_MEM_GB_PER_GPU = 32
+DEFAULT_TIMEOUT_MIN = 24 * 60
+SRUN_ARGS = ("--kill-on-bad-exit=1",)
 
 
 def add_launcher_args(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +48,12 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("SLURM / submitit")
     group.add_argument("--ngpus", default=8, type=int, help="GPUs (tasks) per node")
     group.add_argument("--nodes", default=2, type=int, help="number of nodes")
-    group.add_argument("--timeout", default=4320, type=int, help="job duration in minutes")
+    group.add_argument("--timeout", default=DEFAULT_TIMEOUT_MIN, type=int,
+                       help="job duration in minutes (at most the partition's limit; a time-out requeues)")
+    group.add_argument("--cpus_per_task", default=DEFAULT_CPUS_PER_TASK, type=int,
+                       help="CPUs per task (one task per GPU): its data-loading workers are this minus 2, at most 16")
+    group.add_argument("--mem_gb", default=None, type=int,
+                       help=f"memory per node in GB (default {DEFAULT_MEM_GB_PER_GPU} x --ngpus)")
     group.add_argument("--job_dir", default="", type=str, help="job folder (logs, checkpoints); default ./jobs/%%j")
     group.add_argument("--partition", default="", type=str, help="SLURM partition")
     group.add_argument("--use_volta32", action="store_true",
@@ -49,9 +67,11 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> None:
 
 def validate_launcher_args(args: argparse.Namespace) -> None:
     """Raise ValueError naming the flag for launcher flags that cannot work."""
-    for flag in ("ngpus", "nodes", "timeout"):
+    for flag in ("ngpus", "nodes", "timeout", "cpus_per_task"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.mem_gb is not None and args.mem_gb < 1:
+        raise ValueError(f"--mem_gb must be >= 1, got {args.mem_gb}")
 
 
 class Job:
@@ -104,6 +124,12 @@ def export_rendezvous() -> None:
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
+def requested_device(args: argparse.Namespace) -> str | None:
+    """--device for the job: cuda when GPUs are requested and none was given (the job then refuses to fall back to
+    the CPU), else as given."""
+    return "cuda" if getattr(args, "device", None) is None and requested_gpus(args) else args.device
+
+
 def requested_gpus(args: argparse.Namespace) -> int:
     """GPUs per node to ask SLURM for: --ngpus, unless the user explicitly passed --device cpu. Never looks at the
     submitting machine (a login node usually has no GPU)."""
@@ -140,10 +166,14 @@ def submit(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace, 
         extra["slurm_comment"] = args.comment
     if args.partition:
         extra["slurm_partition"] = args.partition
+    if args.mem_gb is None:
+        args.mem_gb = DEFAULT_MEM_GB_PER_GPU * args.ngpus  # recorded in the job's args (run_info.json)
     executor.update_parameters(
-        name=name, mem_gb=40 * args.ngpus, gpus_per_node=requested_gpus(args), tasks_per_node=args.ngpus,
-        cpus_per_task=10, nodes=args.nodes, timeout_min=args.timeout, slurm_signal_delay_s=120, **extra,
+        name=name, mem_gb=args.mem_gb, gpus_per_node=requested_gpus(args), tasks_per_node=args.ngpus,
+        cpus_per_task=args.cpus_per_task, nodes=args.nodes, timeout_min=args.timeout,
+        slurm_signal_delay_s=SIGNAL_DELAY_S, slurm_srun_args=list(SRUN_ARGS), **extra,
     )
+    args.device = requested_device(args)
     args.dist_url = "env://"  # the job exports MASTER_ADDR/PORT etc. (export_rendezvous), fresh on every requeue
     if args.resume == "" and auto_resume:
         args.resume = "auto"  # a requeued or re-submitted job continues where its folder left off

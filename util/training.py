@@ -1,6 +1,7 @@
 """The training loop shared by pre-training, fine-tuning and probing (`train_epoch`, MAE's train_one_epoch) and its
 pieces: autocast, DDP wrapping and gradient accumulation without redundant all-reduces, a rank-collective non-finite
-check, and the mid-epoch hook that saves checkpoints and honours stop signals.
+check, the update hook that saves checkpoints (every N updates, on a timer) and honours stop signals at every
+update, and the fp16 GradScaler's scale and skipped updates, logged.
 
 Every decision that can end or change a run (stop on NaN, save, stop on a signal) is taken collectively, so all
 ranks take it at the same step and none is left waiting in a collective that the others never reach.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -130,30 +132,110 @@ class NonFiniteGuard:
         self.pending.clear()
 
 
+class SaveTimer:
+    """When checkpoint-last.pth is due a refresh (`--save_every_minutes`): at the first epoch end `minutes` after
+    its last write, and mid-epoch only in epochs that themselves last that long (short epochs keep their
+    checkpoints at epoch ends, which resume on any number of GPUs). minutes <= 0: every epoch end (MAE)."""
+
+    def __init__(self, minutes: float, clock: Callable[[], float] = time.monotonic):
+        self.interval, self.clock = minutes * 60, clock
+        self.last: float | None = None  # never written: the first epoch end writes
+        self.epoch_start = self.started = clock()
+
+    def due_at_epoch_end(self) -> bool:
+        return self.interval <= 0 or self.last is None or self.clock() - self.last >= self.interval
+
+    def due_mid_epoch(self) -> bool:
+        now = self.clock()
+        last = self.started if self.last is None else self.last
+        return self.interval > 0 and now - last >= self.interval and now - self.epoch_start >= self.interval
+
+    def saved(self) -> None:
+        self.last = self.clock()
+
+    def new_epoch(self) -> None:
+        self.epoch_start = self.clock()
+
+
 class UpdateHook:
     """Called after every optimizer update except an epoch's last: refreshes checkpoint-last every
-    `save_every_iters` updates, and on a stop signal (SIGTERM / SIGUSR1 / SIGUSR2 on any rank) saves and exits.
+    `save_every_iters` updates and when the `SaveTimer` says so, and on a stop signal (SIGTERM / SIGUSR1 / SIGUSR2
+    on any rank) saves and exits.
 
-    The stop check is a collective when distributed, so it runs at logging steps only (every `print_freq`
-    updates), where the engines read losses anyway. `save(epoch, step)` writes the checkpoint (rank 0);
-    `ensure_finite()` is the engine's collective non-finite check, run before weights are saved.
+    The stop and timer flags are checked at every update without a blocking collective: each update sends this
+    rank's flags in an asynchronous all-reduce and acts on the previous update's result
+    (`util.distributed.LaggedAgreement`), so every rank saves or stops at the same update, one update after the
+    signal. `save(epoch, step)` writes the checkpoint (rank 0); `ensure_finite()` is the engine's collective
+    non-finite check, run before weights are saved. `epoch_end` is the same decision at an epoch end, for engines
+    whose epoch-end save follows the timer (pre-training).
     """
 
     def __init__(self, save: Callable[[int, int], None], stopper: GracefulStop, accum_iter: int,
-                 save_every_iters: int, print_freq: int):
+                 save_every_iters: int, save_every_minutes: float = 0.0):
         self.save, self.stopper = save, stopper
-        self.accum_iter, self.save_every_iters, self.print_freq = accum_iter, save_every_iters, print_freq
+        self.accum_iter, self.save_every_iters = accum_iter, save_every_iters
+        self.timer = SaveTimer(save_every_minutes)
+        self.timed = save_every_minutes > 0  # mid-epoch saves on the timer
+        self.agreement = distributed.LaggedAgreement(2)
+        self.epoch: int | None = None
 
     def __call__(self, epoch: int, step: int, ensure_finite: Callable[[], None]) -> None:
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.timer.new_epoch()
         updates = step // self.accum_iter
         periodic = self.save_every_iters > 0 and updates % self.save_every_iters == 0
-        check_stop = not distributed.is_dist() or updates % self.print_freq == 0
-        stop = check_stop and self.stopper.stop_requested()
-        if periodic or stop:
+        stop, due = self.agreement.exchange([self.stopper.requested, self.timed and self.timer.due_mid_epoch()])
+        if stop:
+            self.stopper.acknowledge()
+        if periodic or stop or due:
             ensure_finite()  # never checkpoint weights that a non-finite loss has reached
             self.save(epoch, step)
+            self.timer.saved()
         if stop:
             self.stopper.finish()
+
+    def epoch_end(self, final: bool) -> tuple[bool, bool]:
+        """(stop, refresh checkpoint-last) at an epoch end, agreed by every rank now (one blocking exchange per
+        epoch): stop on a signal seen by any rank; refresh when the timer is due, on a stop and at the final epoch."""
+        stop, due = self.agreement.now([self.stopper.requested, self.timer.due_at_epoch_end()])
+        if stop:
+            self.stopper.acknowledge()
+        refresh = stop or due or final
+        if refresh:
+            self.timer.saved()
+        self.epoch = None
+        return stop, refresh
+
+
+class ScalerMonitor:
+    """The fp16 GradScaler's scale and the updates it skipped (inf/NaN gradients), kept on the device: no host sync
+    per update, read at logging steps. A collapsing scale (many skips) is otherwise invisible. No-op when the
+    scaler is disabled (bf16, fp32)."""
+
+    def __init__(self, scaler: torch.amp.GradScaler):
+        self.scaler, self.enabled = scaler, scaler.is_enabled()
+        self.skipped: Tensor | int = 0
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """scaler.step + scaler.update, counting a skipped update (the scale backs off only after inf/NaN)."""
+        scale = getattr(self.scaler, "_scale", None) if self.enabled else None
+        before = scale.clone() if scale is not None else None
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        if before is not None:
+            self.skipped = self.skipped + (self.scaler._scale < before).int()
+
+    def values(self) -> dict[str, Tensor]:
+        """{'loss_scale', 'skipped_updates'} as device tensors for the metric logger (empty when disabled)."""
+        scale = getattr(self.scaler, "_scale", None) if self.enabled else None
+        if scale is None:
+            return {}
+        skipped = self.skipped if isinstance(self.skipped, Tensor) else scale.new_zeros(())
+        return {"loss_scale": scale.detach().clone().reshape(()), "skipped_updates": skipped.float().reshape(())}
+
+    def skipped_updates(self) -> int:
+        return int(self.skipped)
 
 
 def add_compile_args(group: Any) -> None:
@@ -214,6 +296,9 @@ def train_epoch(
     accum_iter = args.accum_iter
     params = [p for p in model.parameters() if p.requires_grad]
     bad_images = 0
+    scaler_monitor = ScalerMonitor(scaler)
+    for name in ("loss_scale", "skipped_updates") if scaler_monitor.enabled else ():  # fp16: scale, skips so far
+        metric_logger.add_meter(name, SmoothedValue(window_size=1, fmt="{value:.0f}"))
     optimizer.zero_grad(set_to_none=True)
 
     batches = metric_logger.log_every(data_loader, args.print_freq, f"Epoch: [{epoch}]")
@@ -231,12 +316,13 @@ def train_epoch(
 
         guard.add(step, loss, losses)
         if update:
-            optimizer_step(optimizer, scaler, params, clip_grad)
+            optimizer_step(optimizer, scaler, params, clip_grad, scaler_monitor)
             if on_update is not None and step + 1 < steps:
                 on_update(epoch, step + 1, guard.check)
 
         metric_logger.update(loss=loss.detach(), **{f"loss_b{b}": v.detach() for b, v in losses.items()}, lr=lr)
         if step % args.print_freq == 0 or step == steps - 1:
+            metric_logger.update(**scaler_monitor.values())  # read with the losses: no extra host sync
             guard.check()  # collective: every rank stops together, within one logging interval
             check_bad_images(bad_images, args.max_bad_images, epoch)
             metric_logger.reduce_over_ranks()
@@ -247,6 +333,13 @@ def train_epoch(
 
     guard.check()
     stats = {**metric_logger.averages(), "bad_images": bad_images}
+    if scaler_monitor.enabled:
+        stats.update(loss_scale=scaler.get_scale(), skipped_updates=scaler_monitor.skipped_updates())
+        if stats["skipped_updates"]:
+            logger.warning("fp16: %d of this epoch's updates skipped (inf/NaN gradients), loss scale now %g%s",
+                           stats["skipped_updates"], stats["loss_scale"],
+                           "; a scale below 1 means gradients overflow at any scale: try --amp bf16 or a lower lr"
+                           if stats["loss_scale"] < 1 else "")
     if not all(math.isfinite(v) for v in stats.values()):
         raise NonFiniteLossError(f"non-finite epoch average at epoch {epoch}: {stats}")
     logger.info("Averaged stats: %s", metric_logger)
@@ -254,11 +347,11 @@ def train_epoch(
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[nn.Parameter],
-                   clip_grad: float | None) -> None:
-    """One update from the accumulated gradients: unscale and clip (when `clip_grad`), step, reset gradients."""
+                   clip_grad: float | None, monitor: ScalerMonitor | None = None) -> None:
+    """One update from the accumulated gradients: unscale and clip (when `clip_grad`), step (counting an update the
+    fp16 scaler skips in `monitor`), reset gradients."""
     if clip_grad:
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(params, clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
+    (monitor or ScalerMonitor(scaler)).step(optimizer)
     optimizer.zero_grad(set_to_none=True)
