@@ -55,13 +55,14 @@ def test_codebook_ids_stay_integers_under_autocast():
     assert out.dtype == torch.int64 and torch.equal(out, ids)
 
 
-@pytest.mark.parametrize("target", ["hog", "clip"])
+@pytest.mark.parametrize("target", ["hog", "clip", "codebook"])
 def test_start_up_memory_estimate_feeds_the_runs_own_targets(target, image_folder, tmp_path, monkeypatch, caplog):
     """The estimate on CUDA crashed for every HOG / CLIP run (108- / 24-wide predictions met 192-wide pixel
     targets). It now runs the run's targets function and masking strategy on its dummy batches and counts the
-    frozen teacher. Device queries mocked; the model and the teacher are real."""
+    frozen teacher (or tokenizer: integer code ids, cross-entropy). Device queries mocked; the model and the teacher
+    are real."""
     import timm
-    from conftest import TINY_FLAGS
+    from conftest import TINY_FLAGS, vqkd_state, write_vqkd_file
 
     import engine_pretrain
     import main_pretrain
@@ -74,6 +75,8 @@ def test_start_up_memory_estimate_feeds_the_runs_own_targets(target, image_folde
         torch.save(teacher.state_dict(), tmp_path / "clip.pth")
         flags += ["--teacher_path", str(tmp_path / "clip.pth"), "--teacher_model", "test_vit",
                   "--mask_strategy", "semantic_aware"]
+    if target == "codebook":  # BEiT v2's VQ-KD with the release's key names (tests/conftest.py)
+        flags += ["--teacher_path", str(write_vqkd_file(tmp_path / "vqkd.pth")), "--teacher_model", "test_vit"]
     args = main_pretrain.parse_args(flags)
     args.device, args.amp = "cpu", "none"
     device = torch.device("cpu")
@@ -90,5 +93,8 @@ def test_start_up_memory_estimate_feeds_the_runs_own_targets(target, image_folde
                                                         frozen_owners=[built])
     assert estimate is not None and "failed" not in caplog.text
     expected_frozen = sum(t.numel() * 4 for t in teacher.state_dict().values()) if teacher is not None else 0
+    if target == "codebook":  # the tokenizer's encoder, projection and codebook (its decoder is never built)
+        read = ("encoder.", "encode_task_layer.", "quantize.embedding.weight")
+        expected_frozen = sum(v.numel() * 4 for k, v in vqkd_state().items() if k.startswith(read))
     assert estimate.frozen == pytest.approx(expected_frozen, rel=0.02)  # the teacher, counted once
     assert estimate.activations_per_image > 0
