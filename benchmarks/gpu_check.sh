@@ -55,9 +55,9 @@ kill_session  # anything of the check still alive (a child that outlived it)
 
 if [ "${EXTRA:-0}" = "1" ]; then
     BATCH=${BATCH:-128}
-    echo "== extra: per target (HOG, CLIP and DINO teachers with random weights: same cost)"
+    echo "== extra: per target (HOG; CLIP, DINO teachers and the VQ-KD tokenizer with random weights: same cost)"
     "$PY" benchmarks/bench_pretrain.py --device cuda --amp bf16 --batch_size "$BATCH" --steps 10 --warmup 3 \
-        --model deepmim_vit_base_patch16 --target hog clip dino --hybrid --adamw fused
+        --model deepmim_vit_base_patch16 --target hog clip dino codebook --hybrid --adamw fused
     echo "== extra: profile of one DeepMIM step"
     "$PY" benchmarks/bench_pretrain.py --device cuda --amp bf16 --batch_size "$BATCH" --steps 3 --warmup 3 \
         --model deepmim_vit_base_patch16 --adamw fused --profile
