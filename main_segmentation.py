@@ -231,7 +231,7 @@ def build_model(args: argparse.Namespace, source: dict | None) -> Segmentor:
         logger.info("--finetune %s: %s", args.finetune, report.describe(head_counts(model)))
     else:
         logger.info("no --finetune: the backbone starts from random weights")
-    return models_backbone.to_sync_batchnorm(model)
+    return models_backbone.to_sync_batchnorm(model, args.device)
 
 
 def build_optimizer(model: Segmentor, args: argparse.Namespace) -> torch.optim.Optimizer:
