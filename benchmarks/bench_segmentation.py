@@ -85,10 +85,10 @@ def time_training(model: nn.Module, args: argparse.Namespace, device: torch.devi
     with FlopCounterMode(display=False) as counter:
         step_loss(images, labels)[0].backward()
     optimizer.zero_grad(set_to_none=True)
-    times = []
+    times, cpu_times = [], []
     for i in range(args.warmup + args.steps):
         synchronize(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss, _ = step_loss(images, labels)
         loss.backward()
         optimizer.step()
@@ -96,8 +96,10 @@ def time_training(model: nn.Module, args: argparse.Namespace, device: torch.devi
         synchronize(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     step = statistics.median(times)
-    return dict(step_s=step, images_per_s=args.batch_size / step, flops=counter.get_total_flops())
+    return dict(step_s=step, step_cpu_s=statistics.median(cpu_times), images_per_s=args.batch_size / step,
+                flops=counter.get_total_flops())
 
 
 def time_evaluation(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
@@ -149,7 +151,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\nmachine: {platform.processor() or platform.machine()}, torch {torch.__version__}, device {device}, "
           f"threads {torch.get_num_threads()}, amp {args.amp}, ViT-B UperNet ({result['params_m']:.1f} M params), "
           f"{args.input_size} px, {args.batch_size} images per step")
-    print(f"| training step | {train['step_s']:.2f} s | {train['images_per_s']:.3f} img/s | "
+    print(f"| training step | {train['step_s']:.2f} s ({train['step_cpu_s']:.2f} s CPU) | "
+          f"{train['images_per_s']:.3f} img/s | "
           f"{train['flops'] / 1e12:.2f} TFLOP per step | MFU {100 * result['mfu']:.1f} % of "
           f"{result['peak_tflops']:.2f} TFLOP/s |")
     print(f"| sliding-window eval (512 x 683, 2 windows) | {evaluation['eval_s']:.2f} s | "
