@@ -174,7 +174,7 @@ def resolve_args(args: argparse.Namespace) -> tuple[dict | None, dict | None]:
             args.data_path = DEMO_DATA
     args.log_dir = args.log_dir or args.output_dir
     check_args(args)
-    if not (args.demo and args.data_path == DEMO_DATA):
+    if not (args.demo and args.data_path == DEMO_DATA) and not args.print_config:  # --print_config reads no data
         check_layout(args.data_path)
     resume_state, source = load_checkpoints(args)
     resolve_architecture(args, resume_state, source)
