@@ -86,6 +86,9 @@ def test_eval_writes_predictions_and_a_record_that_agree(mosaics, tmp_path):
     recomputed = metrics_from_areas(areas)
     for key in ("mIoU", "mAcc", "aAcc"):
         assert record[key] == pytest.approx(recomputed[key]) == pytest.approx(metrics[key])
+    # the run's own evaluation of this checkpoint: --eval takes the run's test scale and window stride
+    last = json.loads((run / "log.txt").read_text().splitlines()[-1])
+    assert metrics["mIoU"] == pytest.approx(last["test_mIoU"]) and record["args"]["slide_stride"] == 43
 
 
 KILL_DRIVER = """
