@@ -98,8 +98,9 @@ def time_training(model: nn.Module, args: argparse.Namespace, device: torch.devi
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
     step = statistics.median(times)
+    peak = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
     return dict(step_s=step, step_cpu_s=statistics.median(cpu_times), images_per_s=args.batch_size / step,
-                flops=counter.get_total_flops())
+                flops=counter.get_total_flops(), peak_reserved_gib=peak)
 
 
 def time_evaluation(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
@@ -158,6 +159,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print(f"| sliding-window eval (512 x 683, 2 windows) | {evaluation['eval_s']:.2f} s | "
           f"{evaluation['eval_images_per_s']:.3f} img/s | {evaluation['eval_flops'] / 1e12:.2f} TFLOP per image | "
           f"MFU {100 * result['eval_mfu']:.1f} % |")
+    if train["peak_reserved_gib"] is not None:
+        print(f"peak reserved GPU memory of the training steps (one process, no DDP buckets): "
+              f"{train['peak_reserved_gib']:.2f} GiB")
     if not args.no_memory:
         result["memory"] = memory_rows(model, args, device)
         print("\n| GPU, autocast (estimate) | saved per image, GiB | total per GPU at "
