@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import param_groups_layer_decay
 from torch import nn
 
 import models_vit
@@ -39,6 +38,7 @@ from engine_finetune import Run, execute
 from util import cls_run
 from util.cls_data import build_datasets, build_loaders, finetune_transform
 from util.config import check_range, flag_defaults
+from util.layer_decay import param_groups_layer_decay
 
 logger = logging.getLogger(__name__)
 
@@ -166,11 +166,12 @@ def build_model(args: argparse.Namespace, checkpoint: Mapping[str, Any] | None) 
 
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """AdamW over timm's layer-decay groups: block i gets lr scale decay^(depth+1-i), the head 1. No weight decay
-    on biases, norms, cls token or position embedding (the model's no_weight_decay() names)."""
+    """AdamW over the layer-decay groups (`util.layer_decay`, the groups timm's `param_groups_layer_decay` gives):
+    block i gets lr scale decay^(depth+1-i), the head 1. No weight decay on biases, norms, cls token or position
+    embedding (the model's no_weight_decay() names)."""
     groups = param_groups_layer_decay(
-        model, weight_decay=args.weight_decay, no_weight_decay_list=model.no_weight_decay(),
-        layer_decay=args.layer_decay,
+        model, weight_decay=args.weight_decay, layer_decay=args.layer_decay, depth=len(model.blocks),
+        no_weight_decay=model.no_weight_decay(), final_norm_in_last_block=True,
     )
     # Fused, as pre-training: with an fp16 GradScaler the non-fused step reads the scale on the host every update.
     return torch.optim.AdamW(groups, lr=args.lr, fused=True)

@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor
 
 import models_deepmim
 import models_vit
 from models_deepmim import MaskedAutoencoderDeepMIM
-from util.checkpoint import load_checkpoint
+from util.checkpoint import read_checkpoint as read_file_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -45,26 +44,11 @@ CLASSIFIER_READOUT = ("head.", "fc_norm.")  # keys of a fine-tuned / probed clas
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint as a dict with "model" (and "model_cfg", "epoch" when stored), from any file or folder a tool
-    takes: a torch file (`util.checkpoint.load_checkpoint`, weights_only), a `.safetensors` export of
-    `tools/export_encoder.py`, whose metadata holds the source's "model_cfg" as JSON, or a timm Hub folder of
+    takes: a torch file or a `.safetensors` export (`util.checkpoint.read_checkpoint`), or a timm Hub folder of
     `export_encoder.py --hub_dir` (`read_hub_folder`). Raises ValueError naming the file when it is unreadable."""
     if Path(path).is_dir():
         return read_hub_folder(path)
-    if not str(path).endswith(".safetensors"):
-        return load_checkpoint(path)
-    state, metadata = _read_safetensors(path)
-    checkpoint: dict[str, Any] = {"model": state}
-    if "model_cfg" in metadata:
-        checkpoint["model_cfg"] = json.loads(metadata["model_cfg"])
-    return checkpoint
-
-
-def _read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
-    except (OSError, SafetensorError) as err:
-        raise ValueError(f"cannot read {path} as safetensors: {err}") from err
+    return read_file_checkpoint(path)
 
 
 def read_hub_folder(folder: str | os.PathLike) -> dict[str, Any]:
@@ -89,7 +73,7 @@ def read_hub_folder(folder: str | os.PathLike) -> dict[str, Any]:
     cfg = {"name": name, "img_size": img_size, **{k: model_args[k] for k in models_vit.ARCH_KEYS if k in model_args},
            "num_classes": model_args.get("num_classes", config.get("num_classes", 1000)),
            "global_pool": model_args.get("global_pool", config.get("global_pool", "token")) == "avg"}
-    return {"model": _read_safetensors(folder / "model.safetensors")[0], "model_cfg": cfg}
+    return {"model": read_file_checkpoint(folder / "model.safetensors")["model"], "model_cfg": cfg}
 
 
 def is_classifier_config(cfg: Mapping[str, Any]) -> bool:

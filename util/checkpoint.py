@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
 from util import distributed
 
@@ -108,6 +109,24 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"other than tensors and plain containers, which are refused because unpickling them can run code. "
             f"Cause: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         ) from err
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint as a dict with "model" (and "model_cfg", "epoch" when stored): a torch file
+    (`util.checkpoint.load_checkpoint`, weights_only) or a `.safetensors` export of `tools/export_encoder.py`,
+    whose metadata holds the source's "model_cfg" as JSON. Raises ValueError naming the file when it is unreadable."""
+    if not str(path).endswith(".safetensors"):
+        return load_checkpoint(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"cannot read {path} as safetensors: {err}") from err
+    checkpoint: dict[str, Any] = {"model": state}
+    if "model_cfg" in metadata:
+        checkpoint["model_cfg"] = json.loads(metadata["model_cfg"])
+    return checkpoint
 
 
 def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
@@ -241,6 +260,14 @@ def save_training_checkpoint(state: dict[str, Any], output_dir: str, save_freq: 
     if not distributed.is_main_process():
         return
     paths = checkpoint_files(output_dir, state["epoch"], state["iter"], save_freq, epochs, refresh_last)
+    write_checkpoint(state, paths, writer)
+
+
+def write_checkpoint(state: dict[str, Any], paths: list[Path], writer: BackgroundWriter | None = None) -> None:
+    """Write `state` atomically to every path (call on rank 0 only): in `writer`'s background thread when given, else
+    now (after any background write still in flight, so files land in order). Nothing to write: nothing done."""
+    if not paths:
+        return
     if writer is not None:
         writer.submit(state, paths)
         return
