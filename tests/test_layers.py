@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-PACKAGES = ("util", "targets", "analysis")
+PACKAGES = ("util", "targets", "analysis", "detection")
 LINT = "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports(no_cache=True))"
 
 
@@ -30,7 +30,7 @@ def layer_of(name: str) -> int | None:
         return 0
     if name.startswith("models_"):
         return 1
-    if name in ("targets", "analysis"):
+    if name in ("targets", "analysis", "detection"):
         return 2
     if name.startswith("engine_"):
         return 3
