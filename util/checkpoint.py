@@ -251,6 +251,12 @@ def save_training_checkpoint(state: dict[str, Any], output_dir: str, save_freq: 
     paths = [out / "checkpoint-last.pth"]
     if state["iter"] == 0 and ((epoch + 1) % save_freq == 0 or epoch + 1 == epochs):
         paths.insert(0, out / f"checkpoint-{epoch}.pth")
+    write_checkpoint(state, paths, writer)
+
+
+def write_checkpoint(state: dict[str, Any], paths: list[Path], writer: BackgroundWriter | None = None) -> None:
+    """Write `state` atomically to every path (call on rank 0 only): in `writer`'s background thread when given, else
+    now (after any background write still in flight, so files land in order)."""
     if writer is not None:
         writer.submit(state, paths)
         return

@@ -108,6 +108,14 @@ def flag_defaults(parser: argparse.ArgumentParser) -> dict[str, Any]:
     return {dest: action.default for dest, action in flag_actions(parser).items()}
 
 
+def apply_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser, values: Mapping[str, Any]) -> None:
+    """Set `values` (e.g. a script's --demo settings) on every flag the user left at the parser's default, so
+    `--demo --iters 100` keeps its 100."""
+    for name, value in values.items():
+        if getattr(args, name) == parser.get_default(name):
+            setattr(args, name, value)
+
+
 def _read_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -26,9 +26,28 @@ from util.preemption import GracefulStop
 logger = logging.getLogger(__name__)
 
 # step_loss(samples, labels) -> (loss, {block: loss of that block's decoder} or {}): one micro-step's forward
-StepLoss = Callable[[Tensor, Tensor], tuple[Tensor, Mapping[int, Tensor]]]
+StepLoss = Callable[[Tensor, Tensor], tuple[Tensor, Mapping[int | str, Tensor]]]
 # on_update(epoch, steps_done, ensure_finite): see UpdateHook
 OnUpdate = Callable[[int, int, Callable[[], None]], None]
+
+
+class Timeline(NamedTuple):
+    """Where the micro-steps of one `train_epoch` call sit in a run: `lr(step)` is the base lr of micro-step `step`
+    (set at the first micro-step of each update, times each group's `lr_scale`), `x(step)` its TensorBoard x value,
+    `header` the progress lines' prefix. Epoch-based runs use `epoch_timeline`; iteration-based ones (segmentation,
+    detection) map steps to their global update (`util.iteration`)."""
+
+    lr: Callable[[int], float]
+    x: Callable[[int], int]
+    header: str
+
+
+def epoch_timeline(epoch: int, steps: int, args: Any) -> Timeline:
+    """MAE's: warm-up + cosine over fractional epochs (step / steps + epoch); x = 1000 x fractional epoch, which
+    aligns runs of any batch size."""
+    return Timeline(
+        lr=lambda step: lr_sched.lr_at(step / steps + epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs),
+        x=lambda step: int((step / steps + epoch) * 1000), header=f"Epoch: [{epoch}]")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -192,6 +211,7 @@ def train_epoch(
     log_writer: Any = None,
     start_step: int = 0,
     on_update: OnUpdate | None = None,
+    timeline: Timeline | None = None,
 ) -> dict[str, float]:
     """One epoch of MAE's loop, shared by every engine; returns the epoch average of every logged value (loss,
     loss_b<k> per decoder, lr) and the number of unreadable images replaced (`bad_images`).
@@ -205,24 +225,25 @@ def train_epoch(
     start_step: steps of this epoch already done (mid-epoch resume; the loader yields only the remaining ones).
     on_update(epoch, steps_done, ensure_finite): called after every optimizer update except the epoch's last
     (mid-epoch checkpoints and graceful stops live there); it must call ensure_finite() before saving weights.
+    timeline: lr and TensorBoard x of each step (default: `epoch_timeline`, MAE's schedule over epochs).
     """
     model.train(True)
     metric_logger = MetricLogger(mean_over_ranks=True)  # logged losses: the mean over ranks
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     guard = NonFiniteGuard(epoch)
     steps = start_step + len(data_loader)  # type: ignore[arg-type]
+    timeline = timeline or epoch_timeline(epoch, steps, args)
     accum_iter = args.accum_iter
     params = [p for p in model.parameters() if p.requires_grad]
     bad_images = 0
     optimizer.zero_grad(set_to_none=True)
 
-    batches = metric_logger.log_every(data_loader, args.print_freq, f"Epoch: [{epoch}]")
+    batches = metric_logger.log_every(data_loader, args.print_freq, timeline.header)
     for step, (samples, labels, bad) in enumerate(batches, start=start_step):
         bad_images += int(bad.sum())  # a host tensor from the loader: no device sync
         if step % accum_iter == 0:
-            lr = lr_sched.adjust_learning_rate(
-                optimizer, step / steps + epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs
-            )
+            lr = timeline.lr(step)
+            lr_sched.set_lr(optimizer, lr)
         update = (step + 1) % accum_iter == 0
         # DDP: no gradient all-reduce on accumulation steps (forward and backward inside no_sync).
         with accumulation_context(model, sync=update):
@@ -235,15 +256,15 @@ def train_epoch(
             if on_update is not None and step + 1 < steps:
                 on_update(epoch, step + 1, guard.check)
 
-        metric_logger.update(loss=loss.detach(), **{f"loss_b{b}": v.detach() for b, v in losses.items()}, lr=lr)
+        metric_logger.update(loss=loss.detach(), **{loss_name(b): v.detach() for b, v in losses.items()}, lr=lr)
         if step % args.print_freq == 0 or step == steps - 1:
             guard.check()  # collective: every rank stops together, within one logging interval
             check_bad_images(bad_images, args.max_bad_images, epoch)
             metric_logger.reduce_over_ranks()
             if log_writer is not None:
-                epoch_1000x = int((step / steps + epoch) * 1000)  # MAE's x-axis: aligns runs of any batch size
+                x = timeline.x(step)
                 for name, meter in metric_logger.meters.items():
-                    log_writer.add_scalar(f"train/{name}", meter.value, epoch_1000x)
+                    log_writer.add_scalar(f"train/{name}", meter.value, x)
 
     guard.check()
     stats = {**metric_logger.averages(), "bad_images": bad_images}
@@ -251,6 +272,11 @@ def train_epoch(
         raise NonFiniteLossError(f"non-finite epoch average at epoch {epoch}: {stats}")
     logger.info("Averaged stats: %s", metric_logger)
     return stats
+
+
+def loss_name(key: int | str) -> str:
+    """Logged name of a per-part loss: loss_b<k> for decoder block k, loss_<name> for a named part (loss_aux)."""
+    return f"loss_b{key}" if isinstance(key, int) else f"loss_{key}"
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[nn.Parameter],

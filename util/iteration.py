@@ -1,0 +1,256 @@
+"""Iteration-based runs (semantic segmentation, detection: mmcv's / detectron2's iteration runners) on the project's
+one training loop, `util.training.train_epoch`.
+
+A run of `--iters` optimizer updates is cut into intervals of `--eval_interval` updates (the released segmentation
+config: 160k iterations, evaluation and checkpoint every 16k); each interval is one `train_epoch` call whose
+`Timeline` maps its micro-steps to the global update (the lr schedule is a function of the update, e.g.
+`util.lr_sched.poly_lr_at`). Data epochs run on underneath: `IterationSampler` draws update t's batch from data epoch
+t // steps_per_epoch, shuffled per (--seed, data epoch), so the batches depend only on t, never on where a run
+stopped. Checkpoints (`util.checkpoint`) store (interval, micro-steps done in it): mid-interval ones (every
+--save_every_iters updates and on a stop signal) resume exactly, with every rank's RNG; interval ends keep
+checkpoint-<updates>.pth. `--eval` writes only `eval_<time>.json` (and the task's own files) into --output_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sized
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.utils.data import Sampler
+
+from util import checkpoint as ckpt
+from util import distributed
+from util.datasets import EpochIndex, ResumableDistributedSampler
+from util.misc import RunClock, append_json_log, log_summary, make_log_writer
+from util.preemption import GracefulStop
+from util.resume import check_model_fits, restore_training_state
+from util.training import StepLoss, Timeline, UpdateHook, maybe_compile, train_epoch, wrap_ddp
+
+logger = logging.getLogger(__name__)
+
+
+class IterationSampler(Sampler[EpochIndex]):
+    """This rank's samples for micro-steps [start, stop) of an iteration-based run (`set_range`), across data epochs.
+
+    Micro-step s of this rank takes batch s % steps_per_epoch of data epoch s // steps_per_epoch, where a data epoch
+    is `ResumableDistributedSampler`'s shuffled shard of (seed, epoch) and its last incomplete batch is dropped. Items
+    carry their data epoch (`EpochIndex`), so `util.datasets.RobustSeededDataset` seeds each sample's augmentation
+    from (seed, data epoch, index) in any worker. Use with `DataLoader(batch_size=batch_size, drop_last=False)`.
+    """
+
+    def __init__(self, dataset: Sized, batch_size: int, num_replicas: int, rank: int, seed: int):
+        self.epochs = ResumableDistributedSampler(dataset, batch_size, num_replicas=num_replicas, rank=rank,
+                                                  shuffle=True, seed=seed, drop_last=True)
+        self.batch_size = batch_size
+        self.steps_per_epoch = self.epochs.num_samples // batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"--batch_size {batch_size} x {num_replicas} ranks exceeds the {len(dataset)} training "
+                             "images (the last incomplete batch is dropped)")
+        self.start = self.stop = 0
+
+    def set_range(self, start: int, stop: int) -> None:
+        """Yield the samples of this rank's micro-steps start..stop-1 at the next iteration."""
+        if not 0 <= start <= stop:
+            raise ValueError(f"bad micro-step range [{start}, {stop})")
+        self.start, self.stop = start, stop
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.batch_size
+
+    def __iter__(self) -> Iterator[EpochIndex]:
+        step = self.start
+        while step < self.stop:
+            epoch, offset = divmod(step, self.steps_per_epoch)
+            take = min(self.stop - step, self.steps_per_epoch - offset)
+            self.epochs.set_epoch(epoch)
+            self.epochs.set_start_step(offset)
+            yield from list(self.epochs)[: take * self.batch_size]
+            step += take
+
+
+class Plan(NamedTuple):
+    """The shape of a run: `iters` optimizer updates, evaluated and checkpointed every `interval`, each update
+    `accum_iter` micro-steps of every rank."""
+
+    iters: int
+    interval: int
+    accum_iter: int
+
+    @property
+    def intervals(self) -> int:
+        return math.ceil(self.iters / self.interval)
+
+    def bounds(self, index: int) -> tuple[int, int]:
+        """(first update, end update) of interval `index`."""
+        return index * self.interval, min((index + 1) * self.interval, self.iters)
+
+
+def add_iteration_args(group: argparse._ArgumentGroup, iters: int, interval: int) -> None:
+    """The schedule flags of an iteration-based script; defaults from its released config."""
+    group.add_argument("--iters", default=iters, type=int, help="optimizer updates of the whole run")
+    group.add_argument("--eval_interval", default=interval, type=int,
+                       help="evaluate and keep checkpoint-<updates>.pth every N updates (also the last)")
+    group.add_argument("--save_every_iters", default=0, type=int,
+                       help="also refresh checkpoint-last.pth every N updates (0: only at evaluations and on a stop "
+                            "signal)")
+
+
+def check_iteration_args(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the flag for a schedule that cannot run."""
+    for name in ("iters", "eval_interval"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.save_every_iters < 0:
+        raise ValueError(f"--save_every_iters must be >= 0, got {args.save_every_iters}")
+
+
+class IterationRun:
+    """Resume, the interval loop (train, evaluate, checkpoint), graceful stops, log.txt and TensorBoard.
+
+    The task brings: the bare model and its optimizer, the train loader (its sampler an `IterationSampler`),
+    `make_step_loss(train_model) -> step_loss(samples, targets) -> (loss, {part: loss})` (train_model: the model as
+    wrapped for training, DDP and compile), `evaluate() -> {metric: value}` (a collective when distributed; scalar
+    values are logged) and `lr_at(update) -> base lr`.
+    """
+
+    def __init__(self, args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 train_loader: Any, make_step_loss: Callable[[nn.Module], StepLoss],
+                 evaluate: Callable[[], dict[str, Any]], lr_at: Callable[[int], float],
+                 flag_defaults: Mapping[str, Any] | None = None):
+        self.args, self.bare, self.optimizer, self.train_loader = args, model, optimizer, train_loader
+        self.make_step_loss, self.evaluate, self.lr_at = make_step_loss, evaluate, lr_at
+        self.flag_defaults = flag_defaults
+        self.plan = Plan(args.iters, args.eval_interval, args.accum_iter)
+        self.device = torch.device(args.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
+        self.writer = ckpt.BackgroundWriter()
+        self.start_step = 0
+        if getattr(args, "max_bad_images", None) is None:  # 1 % of an interval's samples on this rank
+            args.max_bad_images = max(1, self.plan.interval * args.accum_iter * args.batch_size // 100)
+
+    def resume(self, state: Mapping[str, Any]) -> None:
+        """--eval: the weights only; else everything, after util.resume's same-experiment checks."""
+        args = self.args
+        try:
+            check_model_fits(self.bare, state, args.resume)
+        except ValueError as err:
+            raise ValueError(f"--resume {args.resume} is not a checkpoint of this script (pre-trained encoders go to "
+                             f"--finetune): {err}") from err
+        if args.eval:
+            self.bare.load_state_dict(state["model"])
+            return
+        self.start_step = restore_training_state(state, self.bare, self.optimizer, self.scaler, args, path=args.resume,
+                                                 defaults=self.flag_defaults)
+
+    def updates_done(self, interval: int, step: int) -> int:
+        """Global updates after `step` micro-steps of `interval` (step 0: the interval is complete)."""
+        first, end = self.plan.bounds(interval)
+        return first + step // self.plan.accum_iter if step else end
+
+    def save(self, interval: int, step: int) -> None:
+        """Checkpoint after `step` micro-steps of `interval` (0: the interval is done, also kept as
+        checkpoint-<updates>.pth). A collective (every rank's RNG); rank 0 writes."""
+        args = self.args
+        if not args.output_dir:
+            return
+        updates = self.updates_done(interval, step)
+        state = ckpt.training_state(self.bare, self.optimizer, self.scaler, interval, step, args, updates=updates)
+        if not distributed.is_main_process():
+            return
+        out = Path(args.output_dir)
+        if step == 0:
+            ckpt.write_checkpoint(state, [out / f"checkpoint-{updates}.pth", out / "checkpoint-last.pth"], self.writer)
+        else:  # a mid-interval save or a stop: on disk before training goes on (or the process exits)
+            self.writer.wait()
+            ckpt.write_checkpoint(state, [out / "checkpoint-last.pth"])
+
+    def fit(self) -> dict[str, Any]:
+        """Train from (args.start_epoch, self.start_step) to --iters; returns the last evaluation."""
+        args = self.args
+        logger.info("start training for %d updates (lr %.3e, evaluation every %d)", args.iters, args.lr,
+                    args.eval_interval)
+        log_writer = make_log_writer(args.log_dir)
+        stopper = GracefulStop().install()
+        clock = RunClock(args.start_epoch, self.plan.intervals)
+        try:
+            model = wrap_ddp(maybe_compile(self.bare, args.compile, args.compile_backend), self.device)
+            stats = self.train_intervals(model, stopper, log_writer, clock)
+            self.writer.wait()
+        finally:
+            self.writer.close()
+            stopper.uninstall()
+            if log_writer is not None:
+                log_writer.close()
+        if not stats:  # resumed a finished run: nothing trained, report the checkpoint
+            stats = self.evaluate()
+        log_summary("training finished", {
+            "checkpoints": f"{args.output_dir} (checkpoint-last.pth, checkpoint-<updates>.pth every "
+                           f"{args.eval_interval})",
+            "log": str(Path(args.output_dir) / "log.txt"), "TensorBoard": args.log_dir or "off",
+            "wall time": clock.elapsed(), **{k: v for k, v in stats.items() if isinstance(v, float)},
+        })
+        return stats
+
+    def train_intervals(self, model: nn.Module, stopper: GracefulStop, log_writer: Any,
+                        clock: RunClock) -> dict[str, Any]:
+        """The loop of `fit` (`model`: DDP-wrapped); returns the last evaluation's stats."""
+        args, plan, stats, start_step = self.args, self.plan, {}, self.start_step
+        on_update = UpdateHook(self.save, stopper, plan.accum_iter, args.save_every_iters, args.print_freq)
+        sampler, step_loss = self.train_loader.sampler, self.make_step_loss(model)
+        for interval in range(args.start_epoch, plan.intervals):
+            clock.log_epoch_start(interval)
+            first, end = plan.bounds(interval)
+            sampler.set_range(first * plan.accum_iter + start_step, end * plan.accum_iter)
+            timeline = self.timeline(first, end)
+            train_stats = train_epoch(model, self.train_loader, self.optimizer, self.scaler, interval, args,
+                                      step_loss, log_writer=log_writer, start_step=start_step,
+                                      on_update=on_update, timeline=timeline)
+            start_step = 0
+            stats = self.evaluate()
+            self.save(interval, 0)
+            log_interval(args, log_writer, end, train_stats, stats)
+            if stopper.stop_requested():  # a collective: every rank stops after the same interval
+                self.writer.wait()
+                stopper.finish()
+        return stats
+
+    def timeline(self, first: int, end: int) -> Timeline:
+        """Micro-step `step` of the interval starting at update `first` belongs to update first + step // accum."""
+        accum = self.plan.accum_iter
+        return Timeline(lr=lambda step: self.lr_at(first + step // accum), x=lambda step: first + step // accum,
+                        header=f"Updates [{first}, {end}) of {self.plan.iters}:")
+
+
+def log_interval(args: argparse.Namespace, log_writer: Any, updates: int, train_stats: Mapping[str, float],
+                 stats: Mapping[str, Any]) -> None:
+    """One JSON line in log.txt and the scalar evaluation results in TensorBoard (rank 0), at `updates`."""
+    scalars = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
+    if log_writer is not None:
+        for key, value in scalars.items():
+            log_writer.add_scalar(f"perf/test_{key}", value, updates)
+        log_writer.flush()
+    append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
+                                      **{f"test_{k}": v for k, v in scalars.items()}, "updates": updates})
+
+
+def write_eval_record(args: argparse.Namespace, stats: Mapping[str, Any]) -> Path | None:
+    """--eval's own record, `--output_dir/eval_<UTC time>.json` (rank 0): the checkpoint, the data, every number of
+    `stats`, the git SHA and the flags. Nothing else of a training run's folder is touched."""
+    if not distributed.is_main_process():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    path = Path(args.output_dir) / f"eval_{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"checkpoint": str(Path(args.resume).resolve()), "data_path": args.data_path, **dict(stats),
+              "git_sha": ckpt.git_sha(), "args": ckpt.plain_args(args)}
+    path.write_text(json.dumps(record, indent=2))
+    logger.info("evaluation record: %s", path)
+    return path
