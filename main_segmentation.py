@@ -49,7 +49,7 @@ DEMO_DATA = "./output_demo/segmentation_data"
 DEMO_OVERRIDES: dict[str, Any] = dict(
     output_dir="./output_demo/segmentation", num_classes=4, model="vit_small_patch16", input_size=64, patch_size=8,
     embed_dim=64, depth=4, num_heads=4, channels=64, aux_channels=32, drop_path=0.0, img_scale=[256, 64],
-    slide_stride=43, batch_size=8, iters=400, eval_interval=200, warmup_iters=40, lr=2e-3, layer_decay=1.0,
+    slide_stride=43, batch_size=8, iters=600, eval_interval=300, warmup_iters=40, lr=2e-3, layer_decay=1.0,
     num_workers=0, print_freq=20,
 )
 
@@ -231,7 +231,7 @@ def build_model(args: argparse.Namespace, source: dict | None) -> Segmentor:
         logger.info("--finetune %s: %s", args.finetune, report.describe(head_counts(model)))
     else:
         logger.info("no --finetune: the backbone starts from random weights")
-    return models_backbone.to_sync_batchnorm(model)
+    return models_backbone.to_sync_batchnorm(model, args.device)
 
 
 def build_optimizer(model: Segmentor, args: argparse.Namespace) -> torch.optim.Optimizer:

@@ -270,9 +270,10 @@ def backbone_config(backbone: MultiScaleViT) -> dict[str, Any]:
             "out_indices": list(backbone.out_indices)}
 
 
-def to_sync_batchnorm(model: nn.Module) -> nn.Module:
-    """BatchNorm -> SyncBatchNorm when a process group is up (the released `norm_cfg=dict(type='SyncBN')`): batch
-    statistics over every GPU's 2 images rather than each GPU's own."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+def to_sync_batchnorm(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm when a process group is up on GPUs (the released `norm_cfg=dict(type='SyncBN')`):
+    batch statistics over every GPU's 2 images rather than each GPU's own. torch's SyncBatchNorm runs on GPUs only, so
+    CPU (gloo) runs keep per-process BatchNorm."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.device(device).type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model

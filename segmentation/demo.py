@@ -63,7 +63,7 @@ def write_demo_dataset(root: str | Path, n_train: int = 64, n_val: int = 16, see
 
 def save_figure(path: str | Path, images: list[Tensor], labels: list[Tensor], preds: list[Tensor],
                 num_classes: int, title: str = "") -> None:
-    """Rows of image / ground truth / prediction (label maps after reduce-zero-label; 255 drawn black)."""
+    """Rows of image / ground truth / prediction (label maps after reduce-zero-label; 255 left blank)."""
     import matplotlib
 
     matplotlib.use("Agg")

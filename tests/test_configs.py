@@ -17,13 +17,15 @@ from conftest import ROOT, TINY, write_image_folder
 import main_finetune
 import main_linprobe
 import main_pretrain
+import main_segmentation
 import models_deepmim
 from targets.hog import hog_dim
 from util import config
 from util.checkpoint import save_atomic
 
 CONFIGS = ROOT / "configs"
-MODULES = {"pretrain": main_pretrain, "finetune": main_finetune, "linprobe": main_linprobe}
+MODULES = {"pretrain": main_pretrain, "finetune": main_finetune, "linprobe": main_linprobe,
+           "segmentation": main_segmentation}
 ALL_FILES = sorted(CONFIGS.rglob("*.yaml"))
 PRETRAIN_FILES = [p for p in ALL_FILES if p.relative_to(CONFIGS).parts[0] == "pretrain"]
 CLASSIFY_FILES = [p for p in ALL_FILES if p.relative_to(CONFIGS).parts[0] in ("finetune", "linprobe")]
