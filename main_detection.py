@@ -204,7 +204,7 @@ def build_model(args: argparse.Namespace, source: dict | None) -> torch.nn.Modul
         logger.info("--finetune %s: %s", args.finetune, report.describe(heads))
     else:
         logger.info("no --finetune: the backbone starts from random weights")
-    return to_sync_batchnorm(model)
+    return to_sync_batchnorm(model, args.device)
 
 
 def build_datasets(args: argparse.Namespace) -> tuple[CocoDetection | None, CocoDetection]:
