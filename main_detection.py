@@ -3,7 +3,7 @@ A: AdamW, weight decay 0.1, lr 1e-4, layer decay 0.75, batch 16, 1024x1024, sing
 ViT detection benchmark MAE follows (Li et al. 2021): windowed attention with four global blocks, relative position
 biases, the multi-block pyramid, large-scale jitter, torchvision's v2 heads.
 
-    torchrun --nproc_per_node 8 main_detection.py --config configs/detection/mask_rcnn_deepmim_vit_base_100ep.yaml \
+    torchrun --nproc_per_node 8 main_detection.py --config configs/detection/mask_rcnn_deepmim_clip_vit_base_100ep.yaml \
         --batch_size 2 --finetune out/deepmim/checkpoint-1599.pth --data_path /datasets/coco --output_dir out/det
     python main_detection.py --eval --resume out/det/checkpoint-737500.pth --data_path /datasets/coco \
         --output_dir out/det_eval           # results_bbox.json, results_segm.json, eval_<time>.json
