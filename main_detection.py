@@ -3,8 +3,9 @@ A: AdamW, weight decay 0.1, lr 1e-4, layer decay 0.75, batch 16, 1024x1024, sing
 ViT detection benchmark MAE follows (Li et al. 2021): windowed attention with four global blocks, relative position
 biases, the multi-block pyramid, large-scale jitter, torchvision's v2 heads.
 
-    torchrun --nproc_per_node 8 main_detection.py --config configs/detection/mask_rcnn_deepmim_clip_vit_base_100ep.yaml \
-        --batch_size 2 --finetune out/deepmim/checkpoint-1599.pth --data_path /datasets/coco --output_dir out/det
+    torchrun --nproc_per_node 8 main_detection.py --batch_size 2 \
+        --config configs/detection/mask_rcnn_deepmim_clip_vit_base_100ep.yaml \
+        --finetune out/deepmim_clip/checkpoint-1599.pth --data_path /datasets/coco --output_dir out/det
     python main_detection.py --eval --resume out/det/checkpoint-737500.pth --data_path /datasets/coco \
         --output_dir out/det_eval           # results_bbox.json, results_segm.json, eval_<time>.json
     python main_detection.py --demo         # a few minutes on CPU, scikit-image's coins (detection/demo.py)
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,8 @@ from detection.model import build_maskrcnn, load_pretrained, param_groups
 from detection.transforms import LSJ_SCALE, lsj_transform
 from engine_detection import Evaluation, build_loaders, execute, make_step_loss
 from models_backbone import to_sync_batchnorm
-from util import cls_run, distributed, iteration
-from util.config import add_config_args, add_global_batch_arg, apply_defaults, check_range, flag_defaults
+from util import cls_run, iteration
+from util.config import add_config_args, add_global_batch_arg, check_range, flag_defaults
 from util.lr_sched import step_lr_at
 from util.training import StepLoss
 
@@ -131,23 +131,14 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--lsj_scale must be 0 < low <= high, got {args.lsj_scale}")
     if sorted(args.lr_drops) != args.lr_drops or any(d < 1 for d in args.lr_drops):
         raise ValueError(f"--lr_drops must be increasing update counts >= 1, got {args.lr_drops}")
-    for flag in ("finetune", "resume"):
-        path = getattr(args, flag)
-        if path and path != "auto" and not Path(path).is_file():
-            raise ValueError(f"--{flag} {path}: no such file")
-    if args.eval and not args.resume:
-        raise ValueError("--eval evaluates a checkpoint of this script: give it with --resume")
+    iteration.check_run_flags(args)
     if args.eval and (Path(args.output_dir) / "results_bbox.json").exists():
         raise ValueError(f"--output_dir {args.output_dir} holds the results of an earlier evaluation: give a new one")
-    iteration.refuse_overwrite(args)
 
 
 def resolve_args(args: argparse.Namespace) -> tuple[dict | None, dict | None]:
     """Demo settings, checks, data layout and architecture. Returns (--resume state, --finetune checkpoint)."""
-    if args.demo:
-        apply_defaults(args, get_args_parser(), DEMO_OVERRIDES)
-        if not args.data_path:
-            args.data_path = DEMO_DATA
+    iteration.apply_demo(args, get_args_parser(), DEMO_OVERRIDES, DEMO_DATA)
     args.log_dir = args.log_dir or args.output_dir
     check_args(args)
     if not (args.demo and args.data_path == DEMO_DATA):
@@ -165,11 +156,7 @@ def resolve_architecture(args: argparse.Namespace, resume_state: dict | None, so
         if "fpn_channels" not in cfg:
             raise ValueError(f"--resume {args.resume} is not a checkpoint of main_detection.py (no detector "
                              "model_cfg); pre-trained encoders go to --finetune")
-        for key, value in cfg.items():
-            if getattr(args, key) not in (None, value) and key != "input_size":
-                logger.warning("--%s %s replaced by the checkpoint's %s", key, getattr(args, key), value)
-            setattr(args, key, value)
-        args.model = args.model or "vit_base_patch16"
+        iteration.use_checkpoint_architecture(args, cfg)
         return
     models_vit.resolve_architecture(args, source)
     blocks = args.global_blocks if args.global_blocks is not None else global_block_indices(args.depth)
@@ -231,11 +218,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 def train(args: argparse.Namespace, resume_state: dict | None, source: dict | None) -> dict[str, Any]:
     """Train (or --eval) with flags completed by `resolve_args`."""
     demo_data = args.demo and args.data_path == DEMO_DATA
-    if demo_data and os.environ.get("RANK", "0") == "0":  # before the process group: one writer
-        demo.write_demo_dataset(DEMO_DATA)
-    device = cls_run.setup_run(args)
-    if demo_data:
-        distributed.barrier()
+    device = iteration.setup(args, (lambda: demo.write_demo_dataset(DEMO_DATA)) if demo_data else None)
     train_set, val_set = build_datasets(args)
     model = build_model(args, source).to(device)
     train_loader, val_loader = build_loaders(args, train_set, val_set)

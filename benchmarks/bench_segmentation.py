@@ -21,6 +21,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,19 +86,24 @@ def time_training(model: nn.Module, args: argparse.Namespace, device: torch.devi
     with FlopCounterMode(display=False) as counter:
         step_loss(images, labels)[0].backward()
     optimizer.zero_grad(set_to_none=True)
+    step = timed_steps(lambda: step_loss(images, labels)[0], optimizer, args, device)
+    return dict(step_s=step, images_per_s=args.batch_size / step, flops=counter.get_total_flops())
+
+
+def timed_steps(loss_fn: Callable[[], Tensor], optimizer: torch.optim.Optimizer, args: argparse.Namespace,
+                device: torch.device) -> float:
+    """Median seconds of `args.steps` training steps (forward, backward, optimizer step) after `args.warmup`."""
     times = []
     for i in range(args.warmup + args.steps):
         synchronize(device)
         start = time.perf_counter()
-        loss, _ = step_loss(images, labels)
-        loss.backward()
+        loss_fn().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
-    step = statistics.median(times)
-    return dict(step_s=step, images_per_s=args.batch_size / step, flops=counter.get_total_flops())
+    return statistics.median(times)
 
 
 def time_evaluation(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
@@ -124,8 +130,14 @@ def memory_rows(model: nn.Module, args: argparse.Namespace, device: torch.device
     estimate = memory.estimate_training_memory(
         LossStep(model), args.batch_size, amp="bf16", device=device, ddp=True, probe_batch=2,
         make_batch=lambda n: batch(n, args.input_size, device))
+    return gpu_rows(estimate, GPUS)
+
+
+def gpu_rows(estimate: memory.MemoryEstimate, gpus: dict[str, tuple[int, str]]) -> list[dict[str, Any]]:
+    """Per GPU (name -> (bytes, autocast)): saved bytes per image, the total at the estimate's batch, whether it fits
+    (90 %) and the largest batch up to 64 that does."""
     rows = []
-    for gpu, (total, amp) in GPUS.items():
+    for gpu, (total, amp) in gpus.items():
         largest = max([n for n in range(1, 65) if memory.fits(estimate.with_batch(n), total)], default=0)
         rows.append(dict(gpu=gpu, amp=amp, per_image_gib=estimate.activations_per_image / 2**30,
                          total_gib=estimate.total / 2**30, fits=memory.fits(estimate, total), largest_batch=largest))

@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sized
 from pathlib import Path
@@ -29,6 +30,8 @@ from torch.utils.data import Sampler
 from util import checkpoint as ckpt
 from util import distributed
 from util.amp import AMP_CHOICES
+from util.cls_run import setup_run
+from util.config import apply_defaults
 from util.datasets import EpochIndex, ResumableDistributedSampler
 from util.misc import RunClock, append_json_log, log_summary, make_log_writer
 from util.preemption import GracefulStop
@@ -139,11 +142,49 @@ def load_checkpoints(args: argparse.Namespace) -> tuple[dict | None, dict | None
     return None, (ckpt.read_checkpoint(args.finetune) if args.finetune else None)
 
 
-def refuse_overwrite(args: argparse.Namespace) -> None:
-    """A new training run never writes into a folder that holds another run's checkpoints."""
+def check_run_flags(args: argparse.Namespace) -> None:
+    """--finetune / --resume name files, --eval has a --resume, and a new training run never writes into a folder
+    that holds another run's checkpoints. ValueError naming the flag."""
+    for flag in ("finetune", "resume"):
+        path = getattr(args, flag)
+        if path and path != "auto" and not Path(path).is_file():
+            raise ValueError(f"--{flag} {path}: no such file")
+    if args.eval and not args.resume:
+        raise ValueError("--eval evaluates a checkpoint of this script: give it with --resume")
     if not args.eval and not args.resume and ckpt.list_checkpoints(args.output_dir):
         raise ValueError(f"--output_dir {args.output_dir} holds checkpoints of a run: continue it with --resume auto, "
                          "or give another --output_dir")
+
+
+def apply_demo(args: argparse.Namespace, parser: argparse.ArgumentParser, overrides: Mapping[str, Any],
+               demo_data: str) -> None:
+    """--demo: the demo's settings on every flag left at its default (`util.config.apply_defaults`), and its built-in
+    data (`demo_data`) unless --data_path is given."""
+    if args.demo:
+        apply_defaults(args, parser, overrides)
+        args.data_path = args.data_path or demo_data
+
+
+def use_checkpoint_architecture(args: argparse.Namespace, values: Mapping[str, Any]) -> None:
+    """A --resume checkpoint fixes the model: its architecture `values` replace the flags (a different value given on
+    the command line is logged as replaced)."""
+    for key, value in values.items():
+        if getattr(args, key) not in (None, value) and key != "input_size":  # input_size has a non-None default
+            logger.warning("--%s %s replaced by the checkpoint's %s", key, getattr(args, key), value)
+        setattr(args, key, value)
+    args.model = args.model or "vit_base_patch16"
+
+
+def setup(args: argparse.Namespace, write_demo_data: Callable[[], Any] | None = None) -> torch.device:
+    """`cls_run.setup_run` (device and precision of this machine, process group, logging, seed, run_info.json);
+    `write_demo_data` (a --demo run's built-in data) runs first in one process, before the process group, and every
+    rank waits for it."""
+    if write_demo_data is not None and os.environ.get("RANK", "0") == "0":
+        write_demo_data()
+    device = setup_run(args)
+    if write_demo_data is not None:
+        distributed.barrier()
+    return device
 
 
 def check_iteration_args(args: argparse.Namespace) -> None:
