@@ -31,7 +31,7 @@ from util import distributed
 from util.cls_run import report, write_eval_record
 from util.misc import MetricLogger, RunClock, append_json_log, log_summary, make_log_writer
 from util.preemption import GracefulStop
-from util.resume import check_model_fits, restore_training_state
+from util.resume import resume_run
 from util.training import OnUpdate, UpdateHook, autocast_context, maybe_compile, train_epoch, wrap_ddp
 
 logger = logging.getLogger(__name__)
@@ -158,18 +158,9 @@ class Run:
     def resume(self, state: Mapping[str, Any]) -> None:
         """Load --resume: the weights only under --eval; else everything, after util.resume's checks that the
         checkpoint belongs to this experiment (flags, and the layout of a mid-epoch checkpoint)."""
-        args = self.args
-        try:
-            check_model_fits(self.bare, state, args.resume)
-        except ValueError as err:
-            raise ValueError(f"--resume {args.resume} is not a checkpoint of this script (pre-trained encoders go to "
-                             f"--finetune): {err}") from err
-        if args.eval:
-            self.bare.load_state_dict(state["model"])
-            return
-        self.start_step = restore_training_state(state, self.bare, self.optimizer, self.scaler, args, path=args.resume,
-                                                 defaults=self.flag_defaults)
-        self.best_acc = float(state.get("best_acc", 0.0))
+        self.start_step = resume_run(state, self.bare, self.optimizer, self.scaler, self.args, self.flag_defaults)
+        if not self.args.eval:
+            self.best_acc = float(state.get("best_acc", 0.0))
 
     def evaluate(self) -> dict[str, float]:
         sharded = self.num_real_val is not None

@@ -122,9 +122,6 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("weight_decay", "min_lr", "aux_weight", "poly_power", "warmup_iters"):
         check_range(args, name, 0, math.inf)
     iteration.check_iteration_args(args)
-    if args.slide_stride > args.input_size:
-        raise ValueError(f"--slide_stride {args.slide_stride} leaves pixels between windows of --input_size "
-                         f"{args.input_size}: give a stride <= the window")
     if not 0 < args.ratio_range[0] <= args.ratio_range[1]:
         raise ValueError(f"--ratio_range must be 0 < low <= high, got {args.ratio_range}")
     iteration.check_run_flags(args)
@@ -146,10 +143,13 @@ def resolve_args(args: argparse.Namespace) -> tuple[dict | None, dict | None]:
     iteration.apply_demo(args, get_args_parser(), DEMO_OVERRIDES, DEMO_DATA)
     args.log_dir = args.log_dir or args.output_dir
     check_args(args)
-    if not (args.demo and args.data_path == DEMO_DATA):
+    if not (args.demo and args.data_path == DEMO_DATA) and not args.print_config:  # --print_config reads no data
         check_layout(args.data_path)
     resume_state, source = iteration.load_checkpoints(args)
     resolve_architecture(args, resume_state, source)
+    if args.slide_stride > args.input_size:
+        raise ValueError(f"--slide_stride {args.slide_stride} leaves pixels between windows of --input_size "
+                         f"{args.input_size}: give a stride <= the window")
     return resume_state, source
 
 
@@ -164,12 +164,28 @@ def resolve_architecture(args: argparse.Namespace, resume_state: dict | None, so
         values = {"input_size": cfg["img_size"], "num_classes": cfg["num_classes"], "out_indices": cfg["out_indices"],
                   **{k: cfg[k] for k in (*models_vit.ARCH_KEYS, "channels", "aux_channels", "aux_weight")}}
         iteration.use_checkpoint_architecture(args, values)
+        if args.eval:
+            evaluate_as_trained(args, resume_state.get("args") or {})
         return
     models_vit.resolve_architecture(args, source)
     indices = args.out_indices or models_backbone.default_out_indices(args.depth)
     if not all(0 <= i < args.depth for i in indices):
         raise ValueError(f"--out_indices {list(indices)} must lie in 0..{args.depth - 1} (0-based blocks)")
     args.out_indices = list(indices)
+
+
+# The test pipeline of a run: --eval takes these from the checkpoint's flags unless they are given.
+EVAL_SETTINGS = ("img_scale", "slide_stride", "reduce_zero_label", "class_names")
+
+
+def evaluate_as_trained(args: argparse.Namespace, saved: dict[str, Any]) -> None:
+    """--eval: every EVAL_SETTINGS flag left at its default takes the evaluated run's value (a demo checkpoint is
+    evaluated at the demo's scale and window stride without repeating them)."""
+    parser = get_args_parser()
+    for key in EVAL_SETTINGS:
+        if key in saved and getattr(args, key) == parser.get_default(key) and saved[key] != getattr(args, key):
+            logger.info("--eval: --%s %s from the checkpoint's run", key, saved[key])
+            setattr(args, key, saved[key])
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -86,24 +86,27 @@ def time_training(model: nn.Module, args: argparse.Namespace, device: torch.devi
     with FlopCounterMode(display=False) as counter:
         step_loss(images, labels)[0].backward()
     optimizer.zero_grad(set_to_none=True)
-    step = timed_steps(lambda: step_loss(images, labels)[0], optimizer, args, device)
-    return dict(step_s=step, images_per_s=args.batch_size / step, flops=counter.get_total_flops())
+    timed = timed_steps(lambda: step_loss(images, labels)[0], optimizer, args, device)
+    return dict(**timed, images_per_s=args.batch_size / timed["step_s"], flops=counter.get_total_flops())
 
 
 def timed_steps(loss_fn: Callable[[], Tensor], optimizer: torch.optim.Optimizer, args: argparse.Namespace,
-                device: torch.device) -> float:
-    """Median seconds of `args.steps` training steps (forward, backward, optimizer step) after `args.warmup`."""
-    times = []
+                device: torch.device) -> dict[str, float | None]:
+    """Median wall and CPU seconds of `args.steps` training steps (forward, backward, optimizer step) after
+    `args.warmup`, and the peak reserved GPU memory (GiB; None on the CPU)."""
+    times, cpu_times = [], []
     for i in range(args.warmup + args.steps):
         synchronize(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss_fn().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+            cpu_times.append(time.process_time() - cpu_start)
+    peak = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
+    return dict(step_s=statistics.median(times), step_cpu_s=statistics.median(cpu_times), peak_reserved_gib=peak)
 
 
 def time_evaluation(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
@@ -161,12 +164,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\nmachine: {platform.processor() or platform.machine()}, torch {torch.__version__}, device {device}, "
           f"threads {torch.get_num_threads()}, amp {args.amp}, ViT-B UperNet ({result['params_m']:.1f} M params), "
           f"{args.input_size} px, {args.batch_size} images per step")
-    print(f"| training step | {train['step_s']:.2f} s | {train['images_per_s']:.3f} img/s | "
+    print(f"| training step | {train['step_s']:.2f} s ({train['step_cpu_s']:.2f} s CPU) | "
+          f"{train['images_per_s']:.3f} img/s | "
           f"{train['flops'] / 1e12:.2f} TFLOP per step | MFU {100 * result['mfu']:.1f} % of "
           f"{result['peak_tflops']:.2f} TFLOP/s |")
     print(f"| sliding-window eval (512 x 683, 2 windows) | {evaluation['eval_s']:.2f} s | "
           f"{evaluation['eval_images_per_s']:.3f} img/s | {evaluation['eval_flops'] / 1e12:.2f} TFLOP per image | "
           f"MFU {100 * result['eval_mfu']:.1f} % |")
+    if train["peak_reserved_gib"] is not None:
+        print(f"peak reserved GPU memory of the training steps (one process, no DDP buckets): "
+              f"{train['peak_reserved_gib']:.2f} GiB")
     if not args.no_memory:
         result["memory"] = memory_rows(model, args, device)
         print("\n| GPU, autocast (estimate) | saved per image, GiB | total per GPU at "

@@ -53,6 +53,8 @@ def test_segmentation_config_prints_appendix_a_and_round_trips(path, ade_folder,
         main_segmentation.resolve_args(args)
         return args
 
+    no_data = config.parse_with_config(make_parser("segmentation"), ["--config", str(path), "--print_config"])
+    main_segmentation.resolve_args(no_data)  # --print_config needs no --data_path: it reads no data
     args = resolve(["--config", str(path), "--print_config"])
     text = print_config(args, "segmentation", lambda a: None, capsys)
     lr, decay = LR_AND_DECAY[path.name]

@@ -12,8 +12,9 @@ from timm.optim import param_groups_layer_decay as timm_groups
 from torch import nn
 
 import main_finetune
-import models_backbone
+import main_segmentation
 import models_vit
+from segmentation.segmentor import create_segmentor
 from util.layer_decay import layer_id, param_groups_layer_decay
 
 ENCODER = dict(patch_size=8, embed_dim=64, depth=4, num_heads=4)
@@ -70,9 +71,9 @@ def released_name(name: str) -> str:
 
 
 def test_segmentor_groups_are_the_released_constructor_s():
-    model = nn.ModuleDict(dict(backbone=models_backbone.create_backbone({**ENCODER, "patch_size": 16}, img_size=64),
-                               decode_head=nn.Conv2d(64, 3, 1), auxiliary_head=nn.BatchNorm2d(3)))
-    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.9, depth=4, prefix="backbone.vit.")
+    model = create_segmentor({**ENCODER, "patch_size": 16}, 3, img_size=64, channels=16, aux_channels=8)
+    args = argparse.Namespace(weight_decay=0.05, layer_decay=0.9, lr=5e-5, depth=4)
+    groups = main_segmentation.build_optimizer(model, args).param_groups
     got = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
     names = dict(model.named_parameters())
     assert len(got) == len(names)

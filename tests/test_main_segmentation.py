@@ -39,7 +39,7 @@ def mosaics(tmp_path_factory) -> Path:
 
 def tiny_flags(data: Path, out: Path, *extra: str) -> list[str]:
     """The demo model on `data` (--demo fills only flags left at their defaults), a few updates."""
-    return ["--demo", "--data_path", str(data), "--num_classes", "4", "--output_dir", str(out), "--batch_size", "2",
+    return ["--demo", "--data_path", str(data), "--num_classes", "4", "--output_dir", str(out), "--batch_size", "4",
             "--iters", "8", "--eval_interval", "4", "--warmup_iters", "2", "--print_freq", "2", "--device", "cpu",
             *extra]
 
@@ -86,6 +86,9 @@ def test_eval_writes_predictions_and_a_record_that_agree(mosaics, tmp_path):
     recomputed = metrics_from_areas(areas)
     for key in ("mIoU", "mAcc", "aAcc"):
         assert record[key] == pytest.approx(recomputed[key]) == pytest.approx(metrics[key])
+    # the run's own evaluation of this checkpoint: --eval takes the run's test scale and window stride
+    last = json.loads((run / "log.txt").read_text().splitlines()[-1])
+    assert metrics["mIoU"] == pytest.approx(last["test_mIoU"]) and record["args"]["slide_stride"] == 43
 
 
 KILL_DRIVER = """
@@ -145,3 +148,18 @@ def test_label_values_beyond_the_classes_stop_with_the_file_named(mosaics, tmp_p
     with pytest.raises(ValueError, match=r"annotations/training/mosaic_training_\d+.png holds label values \[3\]"):
         main_segmentation.main(parse(*tiny_flags(mosaics, tmp_path / "o", "--num_classes", "3")))
     assert not list((tmp_path / "o").glob("checkpoint-*.pth"))
+
+
+def test_two_gloo_ranks_train_and_evaluate(mosaics, tmp_path):
+    """torchrun with 2 CPU processes: DDP training on per-rank shards (BatchNorm per process: torch's SyncBatchNorm
+    runs on GPUs only), checkpoints with both ranks' RNG, and a sharded evaluation counting the 3 val images once."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29563",
+           str(ROOT / "main_segmentation.py"), *tiny_flags(mosaics, out, "--iters", "4", "--eval_interval", "2")]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    state = load_checkpoint(out / "checkpoint-4.pth")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["updates"] == 4
+    lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [line["test_images"] for line in lines] == [3, 3]

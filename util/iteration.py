@@ -35,7 +35,7 @@ from util.config import apply_defaults
 from util.datasets import EpochIndex, ResumableDistributedSampler
 from util.misc import RunClock, append_json_log, log_summary, make_log_writer
 from util.preemption import GracefulStop
-from util.resume import check_model_fits, load_resume_state, restore_training_state
+from util.resume import load_resume_state, resume_run
 from util.training import StepLoss, Timeline, UpdateHook, add_compile_args, maybe_compile, train_epoch, wrap_ddp
 
 logger = logging.getLogger(__name__)
@@ -222,17 +222,7 @@ class IterationRun:
 
     def resume(self, state: Mapping[str, Any]) -> None:
         """--eval: the weights only; else everything, after util.resume's same-experiment checks."""
-        args = self.args
-        try:
-            check_model_fits(self.bare, state, args.resume)
-        except ValueError as err:
-            raise ValueError(f"--resume {args.resume} is not a checkpoint of this script (pre-trained encoders go to "
-                             f"--finetune): {err}") from err
-        if args.eval:
-            self.bare.load_state_dict(state["model"])
-            return
-        self.start_step = restore_training_state(state, self.bare, self.optimizer, self.scaler, args, path=args.resume,
-                                                 defaults=self.flag_defaults)
+        self.start_step = resume_run(state, self.bare, self.optimizer, self.scaler, self.args, self.flag_defaults)
 
     def updates_done(self, interval: int, step: int) -> int:
         """Global updates after `step` micro-steps of `interval` (step 0: the interval is complete)."""

@@ -254,6 +254,23 @@ def restore_training_state(state: Mapping[str, Any], model: torch.nn.Module,
     return step
 
 
+def resume_run(state: Mapping[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler | None, args: Any, defaults: Mapping[str, Any] | None = None) -> int:
+    """An entry script's --resume: the weights only under --eval, else everything (`restore_training_state`, after
+    its same-experiment checks). Returns the steps of args.start_epoch already done (0 under --eval). Raises
+    ValueError naming --resume when the checkpoint's weights do not fit `model` (e.g. a pre-trained encoder given to
+    --resume instead of --finetune)."""
+    try:
+        check_model_fits(model, state, args.resume)
+    except ValueError as err:
+        raise ValueError(f"--resume {args.resume} is not a checkpoint of this script (pre-trained encoders go to "
+                         f"--finetune): {err}") from err
+    if args.eval:
+        model.load_state_dict(state["model"])
+        return 0
+    return restore_training_state(state, model, optimizer, scaler, args, path=args.resume, defaults=defaults)
+
+
 def check_model_fits(model: torch.nn.Module, state: Mapping[str, Any], path: str | os.PathLike | None = None) -> None:
     """Raise ValueError (naming the file and the differing entries) unless state["model"] loads strictly into `model`.
 
