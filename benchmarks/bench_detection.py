@@ -10,7 +10,7 @@ saved for the backward measured on this machine under bf16 autocast (fp16 saves 
 AdamW, DDP buckets, 10 % fragmentation and 768 MiB of CUDA context; the GPU rows are estimates, not measurements
 (the saved tensors of CPU kernels, e.g. attention, can differ from the CUDA kernels').
 
-    python benchmarks/bench_detection.py --threads 2 --input_size 512     # RESULTS.md (2-core CPU; memory at 1024)
+    python benchmarks/bench_detection.py --threads 2 --batch_size 1 --steps 1 --warmup 0   # RESULTS.md (2-core CPU)
     python benchmarks/bench_detection.py --device cuda --amp bf16 --input_size 1024 --steps 10 --no_memory  # a GPU
 """
 
@@ -48,6 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", default=2, type=int, help="images per GPU (16 on 8 GPUs)")
     parser.add_argument("--input_size", default=1024, type=int, help="side of the timed step's images")
     parser.add_argument("--memory_size", default=1024, type=int, help="side of the images of the memory estimate")
+    parser.add_argument("--memory_batch", default=2, type=int, help="images per GPU of the memory estimate")
     parser.add_argument("--amp", default="bf16", choices=tuple(AMP_DTYPES), help="autocast of the timed step")
     parser.add_argument("--steps", default=2, type=int)
     parser.add_argument("--warmup", default=1, type=int)
@@ -99,14 +100,14 @@ def time_training(model: nn.Module, args: argparse.Namespace, device: torch.devi
     with FlopCounterMode(display=False) as counter:
         step_loss(images, targets)[0].backward()
     optimizer.zero_grad(set_to_none=True)
-    step = timed_steps(lambda: step_loss(images, targets)[0], optimizer, args, device)
-    return dict(step_s=step, images_per_s=args.batch_size / step, flops=counter.get_total_flops())
+    timed = timed_steps(lambda: step_loss(images, targets)[0], optimizer, args, device)
+    return dict(**timed, images_per_s=args.batch_size / timed["step_s"], flops=counter.get_total_flops())
 
 
 def memory_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     """One estimate under bf16 autocast at --memory_size, applied to every GPU (probes of 1 and 2 images)."""
     probe = LossStep(detector(args.memory_size, device), device)
-    estimate = memory.estimate_training_memory(probe, args.batch_size, amp="bf16", device=device, ddp=True,
+    estimate = memory.estimate_training_memory(probe, args.memory_batch, amp="bf16", device=device, ddp=True,
                                                probe_batch=1, make_batch=lambda n: batch(n, args.memory_size, device))
     return gpu_rows(estimate, GPUS)
 
@@ -124,14 +125,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\nmachine: {platform.processor() or platform.machine()}, torch {torch.__version__}, device {device}, "
           f"threads {torch.get_num_threads()}, amp {args.amp}, ViT-B Mask R-CNN ({result['params_m']:.1f} M "
           f"params), {args.input_size} px, {args.batch_size} images per step")
-    print(f"| training step | {result['step_s']:.2f} s | {result['images_per_s']:.3f} img/s | "
-          f"{result['flops'] / 1e12:.2f} TFLOP per step | MFU {100 * result['mfu']:.1f} % of "
-          f"{result['peak_tflops']:.2f} TFLOP/s |")
+    print(f"| training step | {result['step_s']:.2f} s ({result['step_cpu_s']:.2f} s CPU) | "
+          f"{result['images_per_s']:.3f} img/s | {result['flops'] / 1e12:.2f} TFLOP per step | MFU "
+          f"{100 * result['mfu']:.1f} % of {result['peak_tflops']:.2f} TFLOP/s |")
+    if result["peak_reserved_gib"] is not None:
+        print(f"peak reserved GPU memory of the timed steps: {result['peak_reserved_gib']:.2f} GiB")
     del model
     if not args.no_memory:
         result["memory"] = memory_rows(args, device)
         print(f"\n| GPU, autocast (estimate) | saved per image at {args.memory_size} px, GiB | total per GPU at "
-              f"{args.batch_size} / GPU with DDP, GiB | fits (90 %) | largest batch that fits |")
+              f"{args.memory_batch} / GPU with DDP, GiB | fits (90 %) | largest batch that fits |")
         for row in result["memory"]:
             print(f"| {row['gpu']} | {row['per_image_gib']:.2f} | {row['total_gib']:.2f} | "
                   f"{'yes' if row['fits'] else 'no'} | {row['largest_batch']} |")

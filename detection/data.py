@@ -158,7 +158,7 @@ class CocoIndex:
 def read_image(path: Path) -> Tensor:
     """uint8 RGB (3, H, W); a file that cannot be read or decoded raises UnreadableImageError naming it."""
     with unreadable_as_error(path), Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"))
+        array = np.array(image.convert("RGB"))  # a writable copy
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
