@@ -18,10 +18,10 @@ import torch.distributed as dist
 from conftest import ROOT, TINY, TINY_FLAGS, write_image_folder
 
 import models_deepmim
+import submitit_detection
 import submitit_finetune
 import submitit_linprobe
 import submitit_pretrain
-import submitit_detection
 import submitit_segmentation
 from detection import demo as detection_demo
 from segmentation.demo import write_demo_dataset
