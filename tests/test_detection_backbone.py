@@ -81,10 +81,12 @@ def test_feature_strides_and_channels(pyramid):
     assert windows == [14, 14, None] * 4  # the benchmark: 14x14 windows, blocks 3, 6, 9, 12 global
 
 
-def test_loading_reports_exactly_the_new_keys(tiny_deepmim):
+@pytest.mark.parametrize("layout", ["mae", "project"])
+def test_loading_reports_exactly_the_new_keys(tiny_deepmim, layout):
+    """MAE's encoder-only file, or this project's pre-training checkpoint (decoders included, dropped)."""
     model = tiny_detector(64)
-    state = mae_encoder_state(tiny_deepmim)
-    report, heads = load_pretrained(model, {"model": state})
+    state = mae_encoder_state(tiny_deepmim) if layout == "mae" else tiny_deepmim.state_dict()
+    report, heads = load_pretrained(model, {"model": state, "model_cfg": tiny_deepmim.config})
     body = model.backbone.body
     new_vit = [f"vit.blocks.{i}.attn.relative_position_bias_table" for i in range(4)]
     assert report.new == sorted(new_vit + [k for k in body.state_dict() if k.startswith("pyramid.")])
@@ -118,3 +120,23 @@ def test_layer_decay_groups_follow_the_one_rule():
         no_decay = param.ndim == 1 or name.endswith(("pos_embed", "relative_position_bias_table"))
         assert group["weight_decay"] == (0.0 if no_decay else 0.1), name
 
+
+
+def test_the_detector_s_transform_keeps_the_pipeline():
+    """Training images (already img_size x img_size from LSJ) are only normalised, never resized; test images are
+    resized to a longer side of img_size and padded to a square; detections map back to the original image."""
+    transform = tiny_detector(64).transform
+    image = torch.rand(3, 64, 64)
+    target = {"boxes": torch.tensor([[3.0, 5.0, 40.0, 30.0]]), "labels": torch.tensor([1]),
+              "masks": torch.zeros(1, 64, 64, dtype=torch.uint8)}
+    transform.train()
+    batch, targets = transform([image], [target])
+    mean, std = torch.tensor(transform.image_mean)[:, None, None], torch.tensor(transform.image_std)[:, None, None]
+    torch.testing.assert_close(batch.tensors[0], (image - mean) / std)
+    assert torch.equal(targets[0]["boxes"], target["boxes"]) and batch.image_sizes == [(64, 64)]
+    transform.eval()
+    batch, _ = transform([torch.rand(3, 16, 32)])
+    assert batch.tensors.shape == (1, 3, 64, 64) and batch.image_sizes == [(32, 64)]
+    assert not batch.tensors[0, :, 32:].any()  # padding: 0 after normalisation, the mean colour
+    out = transform.postprocess([{"boxes": torch.tensor([[0.0, 0.0, 64.0, 32.0]])}], batch.image_sizes, [(16, 32)])
+    assert out[0]["boxes"].tolist() == [[0.0, 0.0, 32.0, 16.0]]
