@@ -17,8 +17,9 @@ from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 
 from detection import demo
-from detection.data import CocoDetection, CocoIndex, check_layout, split_paths
+from detection.data import CocoDetection, CocoIndex, SkipUnreadable, check_layout, collate_eval, split_paths
 from detection.transforms import lsj_transform
+from util.datasets import RobustSeededDataset
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +117,14 @@ def test_degenerate_boxes_crowds_and_empty_images(coins_coco, tmp_path, caplog):
     assert image.shape == (3, 128, 128) and image.dtype == torch.uint8 and len(target["boxes"]) <= 15
     image, target = val[7]
     assert target == {"image_id": 8} and image.shape[0] == 3
+
+
+def test_an_unreadable_image_is_replaced_in_training_and_skipped_in_evaluation(coins_coco, tmp_path):
+    root = copy_with(coins_coco, tmp_path, lambda data: None)
+    (split_paths(root, "train")[0] / "coins_train_2.png").write_bytes(b"not an image")
+    index = CocoIndex(*split_paths(root, "train"))
+    train = RobustSeededDataset(CocoDetection(index, train=True, transform=lsj_transform(64)), seed=0)
+    image, target, bad = train[2]
+    assert bad == 1 and image.shape == (3, 64, 64)  # replaced by another image, counted
+    images, targets = collate_eval([SkipUnreadable(CocoDetection(index, train=False))[i] for i in range(3)])
+    assert [t["image_id"] for t in targets] == [1, 2] and len(images) == 2  # image 3 skipped (its objects missed)
