@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +32,11 @@ from segmentation import demo
 from segmentation.data import SegmentationFolder, check_layout, class_names
 from segmentation.segmentor import Segmentor, create_segmentor, head_counts, load_pretrained_encoder
 from segmentation.transforms import TestTransform, TrainTransform
-from util import checkpoint as ckpt
-from util import cls_run, distributed, iteration, resume
-from util.amp import AMP_CHOICES
-from util.config import add_config_args, add_global_batch_arg, apply_defaults, check_range, flag_defaults
+from util import cls_run, iteration
+from util.config import add_config_args, add_global_batch_arg, check_range, flag_defaults
 from util.layer_decay import param_groups_layer_decay
 from util.lr_sched import poly_lr_at
-from util.training import StepLoss, add_compile_args
+from util.training import StepLoss
 
 logger = logging.getLogger(__name__)
 
@@ -100,23 +97,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_predictions", default=None, type=str,
                    help="with --eval: write DIR/<image stem>.png per validation image (the dataset's label values)")
 
-    g = parser.add_argument_group("Run")
-    g.add_argument("--output_dir", default="./output_dir", help="checkpoints, log.txt, TensorBoard")
-    g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
-    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    g.add_argument("--amp", default=None, choices=AMP_CHOICES, help="autocast (default: bf16 on GPUs with native "
-                   "bf16, fp16 + GradScaler on older ones such as the released V100s, none on CPU)")
-    g.add_argument("--seed", default=0, type=int)
-    g.add_argument("--num_workers", default=None, type=int, help="loader processes per GPU (default: CPUs - 2)")
-    g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--max_bad_images", default=None, type=int, help="unreadable images tolerated per interval")
-    g.add_argument("--resume", default="", help="checkpoint of this script, or 'auto' (newest in --output_dir)")
-    g.add_argument("--resume_allow_changes", default=None, type=str, metavar="FLAG[,FLAG...]")
-    g.add_argument("--start_epoch", default=0, type=int, help="set from --resume (the evaluation interval)")
-    g.add_argument("--eval", action="store_true", help="evaluate the --resume checkpoint on the validation split")
-    g.add_argument("--dist_url", default="env://")
-    distributed.add_legacy_launcher_args(g)
-    add_compile_args(g)
+    iteration.add_run_args(parser)
     add_config_args(parser)
     return parser
 
@@ -143,54 +124,33 @@ def check_args(args: argparse.Namespace) -> None:
     iteration.check_iteration_args(args)
     if not 0 < args.ratio_range[0] <= args.ratio_range[1]:
         raise ValueError(f"--ratio_range must be 0 < low <= high, got {args.ratio_range}")
-    for flag in ("finetune", "resume", "class_names"):
-        path = getattr(args, flag)
-        if path and path != "auto" and not Path(path).is_file():
-            raise ValueError(f"--{flag} {path}: no such file")
-    if args.eval and not args.resume:
-        raise ValueError("--eval evaluates a checkpoint of this script: give it with --resume")
+    iteration.check_run_flags(args)
+    if args.class_names and not Path(args.class_names).is_file():
+        raise ValueError(f"--class_names {args.class_names}: no such file")
     if args.save_predictions and not args.eval:
         raise ValueError("--save_predictions is an --eval option (the predictions of a trained checkpoint)")
     check_outputs(args)
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """Nothing already written is overwritten: a folder of predictions, or a training run's checkpoints."""
+    """Nothing already written is overwritten: a folder of predictions (a run's checkpoints: `check_run_flags`)."""
     if args.save_predictions and Path(args.save_predictions).is_dir() and any(Path(args.save_predictions).iterdir()):
         raise ValueError(f"--save_predictions {args.save_predictions} is not empty: give a new folder")
-    if not args.eval and not args.resume and ckpt.list_checkpoints(args.output_dir):
-        raise ValueError(f"--output_dir {args.output_dir} holds checkpoints of a run: continue it with --resume auto, "
-                         "or give another --output_dir")
 
 
 def resolve_args(args: argparse.Namespace) -> tuple[dict | None, dict | None]:
     """Demo settings, checks, data layout and architecture. Returns (--resume state, --finetune checkpoint)."""
-    if args.demo:
-        apply_defaults(args, get_args_parser(), DEMO_OVERRIDES)
-        if not args.data_path:
-            args.data_path = DEMO_DATA
+    iteration.apply_demo(args, get_args_parser(), DEMO_OVERRIDES, DEMO_DATA)
     args.log_dir = args.log_dir or args.output_dir
     check_args(args)
     if not (args.demo and args.data_path == DEMO_DATA) and not args.print_config:  # --print_config reads no data
         check_layout(args.data_path)
-    resume_state, source = load_checkpoints(args)
+    resume_state, source = iteration.load_checkpoints(args)
     resolve_architecture(args, resume_state, source)
     if args.slide_stride > args.input_size:
         raise ValueError(f"--slide_stride {args.slide_stride} leaves pixels between windows of --input_size "
                          f"{args.input_size}: give a stride <= the window")
     return resume_state, source
-
-
-def load_checkpoints(args: argparse.Namespace) -> tuple[dict | None, dict | None]:
-    """(the --resume checkpoint, else None; the --finetune encoder when not resuming, else None). `--resume auto`
-    becomes the newest loadable checkpoint of --output_dir, or "" (a fresh run) when there is none."""
-    if args.resume:
-        path, state = resume.load_resume_state(args)
-        if state is not None:
-            args.resume = str(path)
-            return state, None
-        args.resume = ""
-    return None, (ckpt.read_checkpoint(args.finetune) if args.finetune else None)
 
 
 def resolve_architecture(args: argparse.Namespace, resume_state: dict | None, source: dict | None) -> None:
@@ -203,11 +163,7 @@ def resolve_architecture(args: argparse.Namespace, resume_state: dict | None, so
                              "model_cfg); pre-trained encoders go to --finetune")
         values = {"input_size": cfg["img_size"], "num_classes": cfg["num_classes"], "out_indices": cfg["out_indices"],
                   **{k: cfg[k] for k in (*models_vit.ARCH_KEYS, "channels", "aux_channels", "aux_weight")}}
-        for key, value in values.items():
-            if getattr(args, key) not in (None, value) and key != "input_size":
-                logger.warning("--%s %s replaced by the checkpoint's %s", key, getattr(args, key), value)
-            setattr(args, key, value)
-        args.model = args.model or "vit_base_patch16"
+        iteration.use_checkpoint_architecture(args, values)
         if args.eval:
             evaluate_as_trained(args, resume_state.get("args") or {})
         return
@@ -274,11 +230,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 def train(args: argparse.Namespace, resume_state: dict | None, source: dict | None) -> dict[str, Any]:
     """Train (or --eval) with flags completed by `resolve_args`."""
     demo_data = args.demo and args.data_path == DEMO_DATA
-    if demo_data and os.environ.get("RANK", "0") == "0":  # before the process group: one writer
-        demo.write_demo_dataset(DEMO_DATA)
-    device = cls_run.setup_run(args)
+    device = iteration.setup(args, (lambda: demo.write_demo_dataset(DEMO_DATA)) if demo_data else None)
     if demo_data:
-        distributed.barrier()
         check_layout(args.data_path)
     train_set, val_set = build_datasets(args)
     train_loader, val_loader, num_real = build_loaders(args, train_set, val_set)

@@ -32,6 +32,7 @@ from models_vit import ARCH_KEYS, DROPPED_KEY, encoder_state_dict
 
 STRIDES = (4, 8, 16, 32)  # the pyramid the UperNet / Mask R-CNN heads read (released backbone, ViTDet)
 NormLayer = Callable[[int], nn.Module]
+CHECKPOINT_PREFIX_TOKENS = 1  # the class-token slot of every pre-trained position embedding the project loads
 
 # Weights a dense backbone adds to a pre-trained encoder; they start from their initial values (the released
 # backbone's "missing keys": relative position tables at 0, layer scales at 1; the pyramid's deconvolutions).
@@ -41,15 +42,21 @@ NEW_KEY_KINDS = (
     ("pyramid", re.compile(r"^pyramid\.")),
 )
 # Checkpoint entries a backbone does not use: decoders, teachers and generators (`models_vit.DROPPED_KEY`), a
-# classifier's read-out, and the final norm (the released backbone taps raw block outputs; its log lists
-# `norm.weight` / `norm.bias` as unexpected).
-UNUSED_KEY = re.compile(r"^(head\.|fc_norm\.|norm\.)")
+# classifier's read-out, the final norm (the released backbone taps raw block outputs; its log lists
+# `norm.weight` / `norm.bias` as unexpected) and, for a backbone without a class token (detection's windowed ViT),
+# the class token.
+UNUSED_KEY = re.compile(r"^(head\.|fc_norm\.|norm\.|cls_token$)")
 
 
-def default_out_indices(depth: int) -> tuple[int, ...]:
-    """Blocks whose outputs feed the pyramid, 0-based: depth x (1/3, 1/2, 2/3, 1) - 1, i.e. [3, 5, 7, 11] for 12 blocks
-    (the released config) and [7, 11, 15, 23] for 24 (BEiT-L's segmentation config)."""
-    return tuple(sorted({max(0, round(depth * f) - 1) for f in (1 / 3, 1 / 2, 2 / 3, 1)}))
+SEGMENTATION_TAPS = (1 / 3, 1 / 2, 2 / 3, 1)  # the released segmentation backbone
+DETECTION_TAPS = (1 / 4, 1 / 2, 3 / 4, 1)  # four evenly spaced blocks (MAE A.3, the ViT detection benchmark)
+
+
+def default_out_indices(depth: int, fractions: Sequence[float] = SEGMENTATION_TAPS) -> tuple[int, ...]:
+    """Blocks whose outputs feed the pyramid, 0-based: depth x fractions - 1. Segmentation: [3, 5, 7, 11] for 12 blocks
+    (the released config) and [7, 11, 15, 23] for 24 (BEiT-L's segmentation config); detection (`DETECTION_TAPS`):
+    [2, 5, 8, 11] for 12 blocks and [5, 11, 17, 23] for 24."""
+    return tuple(sorted({max(0, round(depth * f) - 1) for f in fractions}))
 
 
 def pyramid_scale_factors(patch_size: int, strides: Sequence[int] = STRIDES) -> tuple[float, ...]:
@@ -103,14 +110,17 @@ class MultiScaleViT(nn.Module):
     """A ViT (any timm model with `forward_intermediates`) whose tapped block outputs become a feature pyramid.
 
     forward(images (N, 3, H, W)) -> [(N, C, H / s, W / s) for s in strides]; `vit` holds the pre-trained weights and
-    `pyramid` the new ones (state-dict prefixes `vit.` and `pyramid.`, which layer-wise lr decay reads).
+    `pyramid` the new ones (state-dict prefixes `vit.` and `pyramid.`, which layer-wise lr decay reads). One tapped
+    block per stride (the released multi-block pyramid), or a single one that feeds every level (ViTDet's simple
+    pyramid from the last block).
     """
 
     def __init__(self, vit: nn.Module, out_indices: Sequence[int], strides: Sequence[int] = STRIDES,
                  norm_layer: NormLayer = nn.BatchNorm2d):
         super().__init__()
-        if len(out_indices) != len(strides):
-            raise ValueError(f"{len(out_indices)} tapped blocks for {len(strides)} strides")
+        if len(out_indices) not in (1, len(strides)):
+            raise ValueError(f"{len(out_indices)} tapped blocks for {len(strides)} strides (give one per stride, or "
+                             "one for all)")
         patch_size = vit.patch_embed.patch_size[0]
         self.vit, self.out_indices, self.strides = vit, tuple(out_indices), tuple(strides)
         self.embed_dim = vit.embed_dim
@@ -123,7 +133,7 @@ class MultiScaleViT(nn.Module):
     def forward(self, images: Tensor) -> list[Tensor]:
         maps = self.vit.forward_intermediates(images, indices=list(self.out_indices), norm=False, output_fmt="NCHW",
                                               intermediates_only=True)
-        return self.pyramid(maps)
+        return self.pyramid(maps[0] if len(maps) == 1 else maps)
 
 
 def create_beit(encoder: Mapping[str, Any], img_size: int, drop_path_rate: float = 0.1,
@@ -199,19 +209,22 @@ def split_qkv_bias(state: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> tu
 
 
 def resample_pos_embed(state: dict[str, Tensor], vit: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """Resample `pos_embed` in place to the model's patch grid, keeping the prefix (cls) slots; returns the shapes.
+    """Resample `pos_embed` in place to the model's patch grid, keeping the class-token slot when the model has a
+    class token (`num_prefix_tokens` 1) and dropping it when it has none (0: ViTDet's backbone); returns the shapes.
 
-    Bicubic without antialiasing (`torch.nn.functional.interpolate(mode='bicubic', align_corners=False)`), as the
-    released loader (BEiT's `mmcv_custom/checkpoint.py`) does; timm's default antialias=True gives other values when
-    upsampling 14x14 -> 32x32.
+    Every encoder the project loads has one class-token slot (`CHECKPOINT_PREFIX_TOKENS`). Bicubic without
+    antialiasing (`torch.nn.functional.interpolate(mode='bicubic', align_corners=False)`), as the released loader
+    (BEiT's `mmcv_custom/checkpoint.py`) does; timm's default antialias=True gives other values when upsampling
+    14x14 -> 32x32.
     """
     old = state.get("pos_embed")
     target = getattr(vit, "pos_embed", None)
     if old is None or target is None or old.shape == target.shape:
         return None
-    prefix = getattr(vit, "num_prefix_tokens", 1)
-    state["pos_embed"] = resample_abs_pos_embed(old, new_size=list(vit.patch_embed.grid_size), num_prefix_tokens=prefix,
-                                                antialias=False)
+    prefix = min(getattr(vit, "num_prefix_tokens", 1), CHECKPOINT_PREFIX_TOKENS)
+    grid = resample_abs_pos_embed(old[:, CHECKPOINT_PREFIX_TOKENS:], new_size=list(vit.patch_embed.grid_size),
+                                  num_prefix_tokens=0, antialias=False)
+    state["pos_embed"] = torch.cat([old[:, :prefix], grid], dim=1)
     return tuple(old.shape), tuple(state["pos_embed"].shape)
 
 
@@ -228,6 +241,8 @@ def load_backbone_weights(backbone: MultiScaleViT, checkpoint: Mapping[str, Any]
     state, k_bias = split_qkv_bias(state, own)
     resampled = resample_pos_embed(state, backbone.vit)
     unused = sorted(k for k in state if k not in own and (DROPPED_KEY.match(k) or UNUSED_KEY.match(k)))
+    if resampled and getattr(backbone.vit, "num_prefix_tokens", 1) == 0:
+        unused.append("pos_embed[class-token slot]")
     foreign = sorted(k for k in state if k not in own and k not in unused)
     if foreign:
         raise ValueError(f"checkpoint keys that are no part of a ViT encoder: {foreign[:8]}"

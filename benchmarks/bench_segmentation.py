@@ -21,6 +21,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,22 +86,27 @@ def time_training(model: nn.Module, args: argparse.Namespace, device: torch.devi
     with FlopCounterMode(display=False) as counter:
         step_loss(images, labels)[0].backward()
     optimizer.zero_grad(set_to_none=True)
+    timed = timed_steps(lambda: step_loss(images, labels)[0], optimizer, args, device)
+    return dict(**timed, images_per_s=args.batch_size / timed["step_s"], flops=counter.get_total_flops())
+
+
+def timed_steps(loss_fn: Callable[[], Tensor], optimizer: torch.optim.Optimizer, args: argparse.Namespace,
+                device: torch.device) -> dict[str, float | None]:
+    """Median wall and CPU seconds of `args.steps` training steps (forward, backward, optimizer step) after
+    `args.warmup`, and the peak reserved GPU memory (GiB; None on the CPU)."""
     times, cpu_times = [], []
     for i in range(args.warmup + args.steps):
         synchronize(device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        loss, _ = step_loss(images, labels)
-        loss.backward()
+        loss_fn().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
-    step = statistics.median(times)
     peak = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
-    return dict(step_s=step, step_cpu_s=statistics.median(cpu_times), images_per_s=args.batch_size / step,
-                flops=counter.get_total_flops(), peak_reserved_gib=peak)
+    return dict(step_s=statistics.median(times), step_cpu_s=statistics.median(cpu_times), peak_reserved_gib=peak)
 
 
 def time_evaluation(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
@@ -127,8 +133,14 @@ def memory_rows(model: nn.Module, args: argparse.Namespace, device: torch.device
     estimate = memory.estimate_training_memory(
         LossStep(model), args.batch_size, amp="bf16", device=device, ddp=True, probe_batch=2,
         make_batch=lambda n: batch(n, args.input_size, device))
+    return gpu_rows(estimate, GPUS)
+
+
+def gpu_rows(estimate: memory.MemoryEstimate, gpus: dict[str, tuple[int, str]]) -> list[dict[str, Any]]:
+    """Per GPU (name -> (bytes, autocast)): saved bytes per image, the total at the estimate's batch, whether it fits
+    (90 %) and the largest batch up to 64 that does."""
     rows = []
-    for gpu, (total, amp) in GPUS.items():
+    for gpu, (total, amp) in gpus.items():
         largest = max([n for n in range(1, 65) if memory.fits(estimate.with_batch(n), total)], default=0)
         rows.append(dict(gpu=gpu, amp=amp, per_image_gib=estimate.activations_per_image / 2**30,
                          total_gib=estimate.total / 2**30, fits=memory.fits(estimate, total), largest_batch=largest))

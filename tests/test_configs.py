@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY, write_image_folder
 
+import main_detection
 import main_finetune
 import main_linprobe
 import main_pretrain
@@ -26,7 +27,7 @@ from util.checkpoint import save_atomic
 
 CONFIGS = ROOT / "configs"
 MODULES = {"pretrain": main_pretrain, "finetune": main_finetune, "linprobe": main_linprobe,
-           "segmentation": main_segmentation}
+           "segmentation": main_segmentation, "detection": main_detection}
 ALL_FILES = sorted(CONFIGS.rglob("*.yaml"))
 PRETRAIN_FILES = [p for p in ALL_FILES if p.relative_to(CONFIGS).parts[0] == "pretrain"]
 CLASSIFY_FILES = [p for p in ALL_FILES if p.relative_to(CONFIGS).parts[0] in ("finetune", "linprobe")]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from util.iteration import IterationSampler, Plan
-from util.lr_sched import poly_lr_at
+from util.lr_sched import poly_lr_at, step_lr_at
 
 
 @pytest.mark.parametrize("update, logged", [(49, 4.151e-07), (99, 8.383e-07), (15949, 1.144e-05),
@@ -23,6 +23,15 @@ def test_poly_schedule_shape():
     assert poly_lr_at(10, 1.0, 100, warmup_iters=10) == pytest.approx(0.9)  # warm-up over: the poly value
     assert poly_lr_at(50, 1.0, 100, power=2.0) == pytest.approx(0.25)
     assert poly_lr_at(100, 1.0, 100, min_lr=0.1) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("update, factor", [(0, 0.001), (125, 0.001 + 0.999 * 0.5), (250, 1.0), (163888, 1.0),
+                                            (163889, 0.1), (177545, 0.1), (177546, 0.01), (184374, 0.01)])
+def test_step_schedule_is_the_detection_benchmark_s(update, factor):
+    """detectron2's WarmupParamScheduler(MultiStepParamScheduler([1, 0.1, 0.01], milestones [163889, 177546]),
+    warm-up 250 updates from factor 0.001), the ViT detection benchmark's 100-epoch schedule at batch 64."""
+    lr = step_lr_at(update, 1e-4, [163889, 177546], gamma=0.1, warmup_iters=250, warmup_factor=0.001)
+    assert lr == pytest.approx(1e-4 * factor, rel=1e-12)
 
 
 def test_sampler_batches_depend_only_on_the_update():

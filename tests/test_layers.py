@@ -1,7 +1,7 @@
 """The code base's layers (README "Code map"), top to bottom:
 
-    entry scripts (main_*, submitit_*) -> engines (engine_*) -> targets, analysis, segmentation -> models (models_*)
-    -> util
+    entry scripts (main_*, submitit_*) -> engines (engine_*) -> targets, analysis, segmentation, detection -> models
+    (models_*) -> util
 
 A module imports only from layers below its own; entry scripts never import each other, except that a submitit
 launcher imports the entry script it launches; tools/ and benchmarks/ sit on top and nothing of the project imports
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-PACKAGES = ("util", "targets", "analysis", "segmentation")
+PACKAGES = ("util", "targets", "analysis", "segmentation", "detection")
 LINT = "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports(no_cache=True))"
 
 
@@ -31,7 +31,7 @@ def layer_of(name: str) -> int | None:
         return 0
     if name.startswith("models_"):
         return 1
-    if name in ("targets", "analysis", "segmentation"):
+    if name in ("targets", "analysis", "segmentation", "detection"):
         return 2
     if name.startswith("engine_"):
         return 3

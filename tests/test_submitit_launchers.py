@@ -18,10 +18,12 @@ import torch.distributed as dist
 from conftest import ROOT, TINY, TINY_FLAGS, write_image_folder
 
 import models_deepmim
+import submitit_detection
 import submitit_finetune
 import submitit_linprobe
 import submitit_pretrain
 import submitit_segmentation
+from detection import demo as detection_demo
 from segmentation.demo import write_demo_dataset
 from util import submit
 from util.checkpoint import load_checkpoint, save_atomic
@@ -112,6 +114,10 @@ def launcher_argv(name: str, tmp_path: Path) -> list[str]:
         return ["--data_path", str(data), "--num_classes", "4", "--input_size", "64", "--patch_size", "8",
                 "--embed_dim", "64", "--depth", "4", "--num_heads", "4", "--slide_stride", "43",
                 "--output_dir", str(tmp_path / "seg")]
+    if name == "detection":
+        return ["--data_path", str(detection_demo.write_demo_dataset(tmp_path / "coco")), "--input_size", "64",
+                "--patch_size", "8", "--embed_dim", "64", "--depth", "4", "--num_heads", "4", "--window_size", "4",
+                "--output_dir", str(tmp_path / "det")]
     data = tmp_path / "data"
     write_image_folder(data / "train", 4, size=40, classes=2, seed=0)
     write_image_folder(data / "val", 2, size=40, classes=2, seed=1)
@@ -120,7 +126,7 @@ def launcher_argv(name: str, tmp_path: Path) -> list[str]:
 
 
 LAUNCHERS = {"pretrain": submitit_pretrain, "finetune": submitit_finetune, "linprobe": submitit_linprobe,
-             "segmentation": submitit_segmentation}
+             "segmentation": submitit_segmentation, "detection": submitit_detection}
 
 
 @pytest.mark.parametrize("name", LAUNCHERS)

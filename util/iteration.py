@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sized
 from pathlib import Path
@@ -28,11 +29,14 @@ from torch.utils.data import Sampler
 
 from util import checkpoint as ckpt
 from util import distributed
+from util.amp import AMP_CHOICES
+from util.cls_run import setup_run
+from util.config import apply_defaults
 from util.datasets import EpochIndex, ResumableDistributedSampler
 from util.misc import RunClock, append_json_log, log_summary, make_log_writer
 from util.preemption import GracefulStop
-from util.resume import resume_run
-from util.training import StepLoss, Timeline, UpdateHook, maybe_compile, train_epoch, wrap_ddp
+from util.resume import load_resume_state, resume_run
+from util.training import StepLoss, Timeline, UpdateHook, add_compile_args, maybe_compile, train_epoch, wrap_ddp
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +105,86 @@ def add_iteration_args(group: argparse._ArgumentGroup, iters: int, interval: int
     group.add_argument("--save_every_iters", default=0, type=int,
                        help="also refresh checkpoint-last.pth every N updates (0: only at evaluations and on a stop "
                             "signal)")
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The "Run" flags of an iteration-based script (output, device, precision, loaders, resume, --eval,
+    distributed, compile); returns the group for the script's own."""
+    g = parser.add_argument_group("Run")
+    g.add_argument("--output_dir", default="./output_dir", help="checkpoints, log.txt, TensorBoard")
+    g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    g.add_argument("--amp", default=None, choices=AMP_CHOICES, help="autocast (default: bf16 on GPUs with native "
+                   "bf16, fp16 + GradScaler on older ones such as V100s, none on CPU)")
+    g.add_argument("--seed", default=0, type=int)
+    g.add_argument("--num_workers", default=None, type=int, help="loader processes per GPU (default: CPUs - 2)")
+    g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--max_bad_images", default=None, type=int, help="unreadable images tolerated per interval")
+    g.add_argument("--resume", default="", help="checkpoint of this script, or 'auto' (newest in --output_dir)")
+    g.add_argument("--resume_allow_changes", default=None, type=str, metavar="FLAG[,FLAG...]")
+    g.add_argument("--start_epoch", default=0, type=int, help="set from --resume (the evaluation interval)")
+    g.add_argument("--eval", action="store_true", help="evaluate the --resume checkpoint on the validation split")
+    g.add_argument("--dist_url", default="env://")
+    distributed.add_legacy_launcher_args(g)
+    add_compile_args(g)
+    return g
+
+
+def load_checkpoints(args: argparse.Namespace) -> tuple[dict | None, dict | None]:
+    """(the --resume checkpoint, else None; the --finetune encoder when not resuming, else None). `--resume auto`
+    becomes the newest loadable checkpoint of --output_dir, or "" (a fresh run) when there is none."""
+    if args.resume:
+        path, state = load_resume_state(args)
+        if state is not None:
+            args.resume = str(path)
+            return state, None
+        args.resume = ""
+    return None, (ckpt.read_checkpoint(args.finetune) if args.finetune else None)
+
+
+def check_run_flags(args: argparse.Namespace) -> None:
+    """--finetune / --resume name files, --eval has a --resume, and a new training run never writes into a folder
+    that holds another run's checkpoints. ValueError naming the flag."""
+    for flag in ("finetune", "resume"):
+        path = getattr(args, flag)
+        if path and path != "auto" and not Path(path).is_file():
+            raise ValueError(f"--{flag} {path}: no such file")
+    if args.eval and not args.resume:
+        raise ValueError("--eval evaluates a checkpoint of this script: give it with --resume")
+    if not args.eval and not args.resume and ckpt.list_checkpoints(args.output_dir):
+        raise ValueError(f"--output_dir {args.output_dir} holds checkpoints of a run: continue it with --resume auto, "
+                         "or give another --output_dir")
+
+
+def apply_demo(args: argparse.Namespace, parser: argparse.ArgumentParser, overrides: Mapping[str, Any],
+               demo_data: str) -> None:
+    """--demo: the demo's settings on every flag left at its default (`util.config.apply_defaults`), and its built-in
+    data (`demo_data`) unless --data_path is given."""
+    if args.demo:
+        apply_defaults(args, parser, overrides)
+        args.data_path = args.data_path or demo_data
+
+
+def use_checkpoint_architecture(args: argparse.Namespace, values: Mapping[str, Any]) -> None:
+    """A --resume checkpoint fixes the model: its architecture `values` replace the flags (a different value given on
+    the command line is logged as replaced)."""
+    for key, value in values.items():
+        if getattr(args, key) not in (None, value) and key != "input_size":  # input_size has a non-None default
+            logger.warning("--%s %s replaced by the checkpoint's %s", key, getattr(args, key), value)
+        setattr(args, key, value)
+    args.model = args.model or "vit_base_patch16"
+
+
+def setup(args: argparse.Namespace, write_demo_data: Callable[[], Any] | None = None) -> torch.device:
+    """`cls_run.setup_run` (device and precision of this machine, process group, logging, seed, run_info.json);
+    `write_demo_data` (a --demo run's built-in data) runs first in one process, before the process group, and every
+    rank waits for it."""
+    if write_demo_data is not None and os.environ.get("RANK", "0") == "0":
+        write_demo_data()
+    device = setup_run(args)
+    if write_demo_data is not None:
+        distributed.barrier()
+    return device
 
 
 def check_iteration_args(args: argparse.Namespace) -> None:

@@ -1,9 +1,11 @@
 """Per-iteration learning-rate schedules: linear warm-up then half-cycle cosine over epochs (MAE; paper Appendix A),
-and linear warm-up then polynomial decay over iterations (mmseg's `poly` policy, the released segmentation recipe)."""
+linear warm-up then polynomial decay over iterations (mmseg's `poly` policy, the released segmentation recipe), and
+linear warm-up then step decay over iterations (detectron2's multi-step schedule, the ViT detection benchmark)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -28,6 +30,17 @@ def poly_lr_at(iteration: int, lr: float, max_iters: int, power: float = 1.0, mi
     value = (lr - min_lr) * (1 - iteration / max_iters) ** power + min_lr
     if iteration < warmup_iters:
         value *= 1 - (1 - iteration / warmup_iters) * (1 - warmup_ratio)
+    return value
+
+
+def step_lr_at(iteration: int, lr: float, milestones: Sequence[int], gamma: float = 0.1, warmup_iters: int = 0,
+               warmup_factor: float = 0.001) -> float:
+    """Learning rate of update `iteration` (0-based), detectron2's `WarmupParamScheduler(MultiStepParamScheduler)` as
+    the benchmark's configs set it: lr x gamma^(milestones passed), and during warm-up that value x the linear ramp
+    warmup_factor + (1 - warmup_factor) x iteration / warmup_iters."""
+    value = lr * gamma ** sum(iteration >= m for m in milestones)
+    if iteration < warmup_iters:
+        value *= warmup_factor + (1 - warmup_factor) * iteration / warmup_iters
     return value
 
 
