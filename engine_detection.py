@@ -23,9 +23,9 @@ from detection import demo
 from detection.data import CocoDetection, SkipUnreadable, collate_eval, collate_train, read_image
 from detection.evaluation import METRICS, evaluate_detector
 from detection.model import images_to_model
-from util import distributed
+from util import distributed, iteration
 from util.datasets import RobustSeededDataset, ignore_stop_signals
-from util.iteration import IterationRun, IterationSampler, write_eval_record
+from util.iteration import IterationRun, IterationSampler
 from util.training import StepLoss, autocast_context
 
 logger = logging.getLogger(__name__)
@@ -113,19 +113,10 @@ def report(metrics: dict[str, Any], what: str) -> None:
 def execute(args: argparse.Namespace, run: IterationRun, evaluation: Evaluation, resume_state: dict[str, Any] | None,
             val: CocoDetection) -> dict[str, Any]:
     """Resume if asked, then train (or --eval: metrics, results_{bbox,segm}.json and eval_<time>.json in
-    --output_dir); the demo draws its figure. Ends the process group; returns the metrics."""
-    try:
-        if resume_state is not None:
-            run.resume(resume_state)
-        if args.eval:
-            metrics = evaluation(args.output_dir)
-            write_eval_record(args, {k: metrics[k] for k in ("bbox", "segm", "images", "skipped_images")})
-            report(metrics, f"evaluation of {args.resume}")
-        else:
-            metrics = run.fit()
-            report(metrics, "detection")
-            if args.demo:
-                demo_figure(args, run.bare, val, metrics)
-    finally:
-        distributed.cleanup()
-    return metrics
+    --output_dir); the demo draws its figure (`util.iteration.execute`). Ends the process group; returns the
+    metrics."""
+    def record(metrics: dict[str, Any]) -> dict[str, Any]:
+        return {k: metrics[k] for k in ("bbox", "segm", "images", "skipped_images")}
+
+    return iteration.execute(args, run, resume_state, lambda: evaluation(args.output_dir), record, report,
+                             "detection", lambda metrics: demo_figure(args, run.bare, val, metrics))

@@ -22,10 +22,10 @@ from segmentation import demo, inference
 from segmentation.data import Indexed, SegmentationFolder
 from segmentation.heads import upsample
 from segmentation.segmentor import Segmentor, segmentation_loss
-from util import distributed
+from util import distributed, iteration
 from util.cls_data import real_samples_on_rank
 from util.datasets import RobustSeededDataset, ignore_stop_signals
-from util.iteration import IterationRun, IterationSampler, write_eval_record
+from util.iteration import IterationRun, IterationSampler
 from util.training import StepLoss, autocast_context
 
 logger = logging.getLogger(__name__)
@@ -120,19 +120,6 @@ def report(metrics: dict[str, Any], what: str) -> None:
 def execute(args: argparse.Namespace, run: IterationRun, evaluation: Evaluation,
             resume_state: dict[str, Any] | None, val: SegmentationFolder) -> dict[str, Any]:
     """Resume if asked, then train (or --eval: metrics, eval_<time>.json, --save_predictions); the demo draws its
-    figure. Ends the process group; returns the metrics."""
-    try:
-        if resume_state is not None:
-            run.resume(resume_state)
-        if args.eval:
-            metrics = evaluation(args.save_predictions)
-            write_eval_record(args, {k: v for k, v in metrics.items()})
-            report(metrics, f"evaluation of {args.resume}")
-        else:
-            metrics = run.fit()
-            report(metrics, "segmentation")
-            if args.demo:
-                demo_figure(args, run.bare, val, metrics)
-    finally:
-        distributed.cleanup()
-    return metrics
+    figure (`util.iteration.execute`). Ends the process group; returns the metrics."""
+    return iteration.execute(args, run, resume_state, lambda: evaluation(args.save_predictions), dict, report,
+                             "segmentation", lambda metrics: demo_figure(args, run.bare, val, metrics))

@@ -126,6 +126,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g.add_argument("--eval", action="store_true", help="evaluate the --resume checkpoint on the validation split")
     g.add_argument("--dist_url", default="env://")
     distributed.add_legacy_launcher_args(g)
+    distributed.add_dist_args(g)
     add_compile_args(g)
     return g
 
@@ -194,6 +195,8 @@ def check_iteration_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.save_every_iters < 0:
         raise ValueError(f"--save_every_iters must be >= 0, got {args.save_every_iters}")
+    if args.dist_timeout <= 0:
+        raise ValueError(f"--dist_timeout must be > 0 minutes, got {args.dist_timeout}")
 
 
 class IterationRun:
@@ -256,6 +259,7 @@ class IterationRun:
         clock = RunClock(args.start_epoch, self.plan.intervals)
         try:
             model = wrap_ddp(maybe_compile(self.bare, args.compile, args.compile_backend), self.device)
+            distributed.set_training_timeout(args.dist_timeout)  # start-up is over: a stuck rank now fails fast
             stats = self.train_intervals(model, stopper, log_writer, clock)
             self.writer.wait()
         finally:
@@ -301,6 +305,31 @@ class IterationRun:
         accum = self.plan.accum_iter
         return Timeline(lr=lambda step: self.lr_at(first + step // accum), x=lambda step: first + step // accum,
                         header=f"Updates [{first}, {end}) of {self.plan.iters}:")
+
+
+def execute(args: argparse.Namespace, run: "IterationRun", resume_state: Mapping[str, Any] | None,
+            evaluate: Callable[[], dict[str, Any]], record: Callable[[dict[str, Any]], Mapping[str, Any]],
+            report: Callable[[dict[str, Any], str], None], task: str,
+            figure: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """What an iteration-based script does once built: resume if asked, then train (`run.fit`, and the demo's
+    `figure`) or, under --eval, `evaluate` and write `record(metrics)` as eval_<time>.json. An exception is logged
+    with this rank (`distributed.failures_logged`); the process group ends however this ends. Returns the metrics."""
+    try:
+        with distributed.failures_logged():
+            if resume_state is not None:
+                run.resume(resume_state)
+            if args.eval:
+                metrics = evaluate()
+                write_eval_record(args, record(metrics))
+                report(metrics, f"evaluation of {args.resume}")
+            else:
+                metrics = run.fit()
+                report(metrics, task)
+                if args.demo and figure is not None:
+                    figure(metrics)
+    finally:
+        distributed.cleanup()
+    return metrics
 
 
 def log_interval(args: argparse.Namespace, log_writer: Any, updates: int, train_stats: Mapping[str, float],
