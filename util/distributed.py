@@ -111,8 +111,9 @@ def add_legacy_launcher_args(parser) -> None:
     MAE's command lines run unchanged. The environment that torchrun / SLURM set always wins."""
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", default=None, type=int,
                         help="GPU index on this node (torch.distributed.launch passes it; LOCAL_RANK wins)")
-    parser.add_argument("--world_size", default=None, type=int,
-                        help="number of processes (MAE's flag; WORLD_SIZE from the launcher wins)")
+    parser.add_argument("--world_size", "--nproc", dest="world_size", default=None, type=int,
+                        help="number of processes (MAE's flag; WORLD_SIZE from the launcher wins); what "
+                             "--print_config resolves for")
 
 
 def apply_legacy_launcher_args(args) -> None:
