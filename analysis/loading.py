@@ -8,21 +8,18 @@ of these; reconstructions and the validation loss need a pre-training checkpoint
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor
 
 import models_deepmim
 import models_vit
 from models_deepmim import MaskedAutoencoderDeepMIM
-from util.checkpoint import load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -40,21 +37,10 @@ CLASSIFIER_READOUT = ("head.", "fc_norm.")  # keys of a fine-tuned / probed clas
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint as a dict with "model" (and "model_cfg", "epoch" when stored): a torch file
-    (`util.checkpoint.load_checkpoint`, weights_only) or a `.safetensors` export of `tools/export_encoder.py`,
-    whose metadata holds the source's "model_cfg" as JSON. Raises ValueError naming the file when it is unreadable."""
-    if not str(path).endswith(".safetensors"):
-        return load_checkpoint(path)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            state = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (OSError, SafetensorError) as err:
-        raise ValueError(f"cannot read {path} as safetensors: {err}") from err
-    checkpoint: dict[str, Any] = {"model": state}
-    if "model_cfg" in metadata:
-        checkpoint["model_cfg"] = json.loads(metadata["model_cfg"])
-    return checkpoint
+    """A checkpoint as a dict with "model" (and "model_cfg", "epoch" when stored): `models_vit.load_encoder_source`
+    (a torch file read with weights_only, a `.safetensors` export whose metadata holds the source's "model_cfg", or
+    a timm Hub folder). Raises ValueError naming the file when it is unreadable."""
+    return models_vit.load_encoder_source(path)
 
 
 def is_classifier_config(cfg: Mapping[str, Any]) -> bool:

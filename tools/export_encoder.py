@@ -47,13 +47,7 @@ from util.datasets import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 logger = logging.getLogger("export_encoder")
 
 LINPROBE_HEAD_PREFIX = ("head.0.", "head.1.")  # BatchNorm1d + Linear of main_linprobe.py
-# Our classifier names -> the timm architecture with the same blocks (qkv bias, LayerNorm eps 1e-6, MLP ratio 4).
-TIMM_ARCHITECTURES = {
-    "vit_small_patch16": "vit_small_patch16_224",
-    "vit_base_patch16": "vit_base_patch16_224",
-    "vit_large_patch16": "vit_large_patch16_224",
-    "vit_huge_patch14": "vit_huge_patch14_224",
-}
+TIMM_ARCHITECTURES = models_vit.TIMM_ARCHITECTURES  # our classifier names -> timm architectures (the Hub reader's)
 # pretrained_cfg entries of timm's default weights that do not describe ours (their source, tag and licence).
 FOREIGN_CFG_KEYS = ("url", "hf_hub_id", "hf_hub_filename", "file", "source", "tag", "license", "label_names",
                     "label_descriptions", "notes", "paper_ids", "paper_name", "origin_url")
