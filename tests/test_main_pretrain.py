@@ -101,20 +101,32 @@ def test_bad_arguments_exit_naming_the_flag(image_folder, tmp_path, capsys, extr
     assert not (tmp_path / "run").exists()  # nothing built, nothing written
 
 
-def test_missing_and_empty_data_path(tmp_path, capsys):
+def test_missing_empty_and_flat_data_path(tmp_path, capsys):
     for path in [tmp_path / "missing", tmp_path]:
         with pytest.raises(SystemExit):
             main_pretrain.parse_args(["--data_path", str(path), *TINY_FLAGS])
         assert "--data_path" in capsys.readouterr().err
+    flat = write_image_folder(tmp_path / "flat", num_images=2, classes=1) / "class0"  # images, no class folder
+    with pytest.raises(SystemExit):
+        main_pretrain.parse_args(["--data_path", str(flat), "--output_dir", str(tmp_path / "out"), *TINY_FLAGS])
+    assert "root/<class>/<image>" in capsys.readouterr().err and not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):
         main_pretrain.parse_args([])
     assert "--data_path is required" in capsys.readouterr().err
 
 
-def test_command_line_error_exits_nonzero(tmp_path):
-    proc = subprocess.run([sys.executable, "main_pretrain.py", "--data_path", str(tmp_path), "--mask_ratio", "1.5"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--mask_ratio" in proc.stderr
+def test_command_line_errors_are_one_line_and_status_2(tmp_path):
+    """While parsing (--mask_ratio) and once the run has started (a batch larger than the data): `prog: error:` and
+    the message, nothing else (no usage block, no traceback)."""
+    data = write_image_folder(tmp_path / "images", num_images=6)
+    for extra, message in ((["--mask_ratio", "1.5"], "--mask_ratio must be in (0, 1)"),
+                           (["--batch_size", "8", "--device", "cpu"], "--batch_size 8 x 1 processes exceeds the 6")):
+        proc = subprocess.run([sys.executable, "main_pretrain.py", "--data_path", str(data), *TINY_FLAGS, "--model",
+                               "deepmim_vit_small_patch16", "--num_workers", "0", "--output_dir", str(tmp_path / "out"),
+                               *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and last.startswith("main_pretrain.py: error: ") and message in last, proc.stderr
+        assert "usage:" not in proc.stderr and "Traceback" not in proc.stderr
 
 
 DDP_DRIVER = """
@@ -222,3 +234,12 @@ def test_pixel_run_without_norm_pix_and_without_a_config_is_warned(image_folder,
         tiny_args(image_folder, tmp_path / "run", "--norm_pix_loss")
         tiny_args(image_folder, tmp_path / "run", "--target", "hog")
     assert "without --norm_pix_loss" not in caplog.text
+
+
+def test_resuming_a_fine_tuning_checkpoint_says_what_it_is(image_folder, tmp_path):
+    """Not a list of 'changed' flags and a --resume_allow_changes that cannot work: the file's kind."""
+    finetuned = Path(__file__).resolve().parent / "data" / "finetune-706c354-epoch0.pth"
+    with pytest.raises(ValueError, match=r"is a fine-tuning or linear-probing checkpoint \(model_cfg name "
+                                         r"'vit_small_patch16'.*main_finetune.py") as err:
+        main_pretrain.main(tiny_args(image_folder, tmp_path / "run", "--resume", str(finetuned), "--device", "cpu"))
+    assert "--resume_allow_changes" not in str(err.value)

@@ -37,6 +37,7 @@ import models_vit  # noqa: E402
 from analysis import cli, robustness  # noqa: E402
 from analysis.visualize import new_figure, save_figure  # noqa: E402
 from util import distributed  # noqa: E402
+from util.datasets import default_num_workers  # noqa: E402
 from util.misc import setup_logging  # noqa: E402
 
 DATASET_TITLES = {"imagenet_a": "IN-A top-1", "imagenet_r": "IN-R top-1", "imagenet_c": "IN-C mCE"}
@@ -65,7 +66,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--input_size", default=None, type=int, help="image size (default: each checkpoint's)")
     run.add_argument("--batch_size", default=128, type=int, help="images per forward pass (per rank)")
-    run.add_argument("--num_workers", default=8, type=int, help="data loading processes (per rank)")
+    run.add_argument("--num_workers", default=None, type=int,
+                     help="data loading processes per rank (default: the CPUs of this rank - 2, as the training "
+                          "scripts)")
     run.add_argument("--device", default=None,
                      help="cpu, cuda or cuda:N (default: cuda when available, else cpu, as the training scripts)")
     run.add_argument("--output_dir", default="./output_dir/analysis", help="where robustness.png and .json go")
@@ -86,6 +89,8 @@ def check_args(args: argparse.Namespace) -> None:
         unknown = [m for m in args.model if m not in models_vit.VIT_SIZES]
         if unknown:
             raise cli.UsageError(f"--model {unknown}: unknown; allowed: {', '.join(models_vit.VIT_SIZES)}")
+    if args.num_workers is None:
+        args.num_workers = default_num_workers()
     for flag, value, low in (("--batch_size", args.batch_size, 1), ("--num_workers", args.num_workers, 0),
                              ("--input_size", args.input_size, 1)):
         if value is not None and value < low:
