@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from util import cls_run
 from util.amp import resolve_machine
 from util.checkpoint import load_checkpoint, save_atomic
 from util.cls_data import DigitsDemo, finetune_transform, posterize_zero_bits_black, real_samples_on_rank
+from util.misc import setup_logging
 
 
 def pretrain_checkpoint(path: Path, seed: int = 0) -> Path:
@@ -156,13 +158,13 @@ def test_demo_writes_tensorboard_events_into_the_given_output_dir(tmp_path, monk
     assert args.output_dir == args.log_dir == f"./output_demo/{script.split('_')[1]}"
 
 
-def test_user_errors_exit_with_one_line_and_argparse_errors_keep_their_format(setup, tmp_path):
-    """A user error found while parsing (--layer_decay) or once the run has started (a batch larger than the data)
-    is one line on stderr and status 2, without usage block or traceback; argparse's own keep argparse's format."""
+def test_user_errors_exit_with_one_line_and_argparse_errors_keep_their_format(setup, tmp_path, monkeypatch, capsys):
+    """A user error found while parsing (--layer_decay) or once the run has started (a batch larger than the data,
+    run in-process through the script's __main__) is one line on stderr and status 2, without usage block or
+    traceback; argparse's own errors keep argparse's format."""
     data, ckpt = setup
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for extra, message, own in ((["--layer_decay", "2"], "--layer_decay must be in (0, 1]", True),
-                                (["--batch_size", "64"], "--batch_size 64 x 1 ranks exceeds the 12 training", True),
                                 (["--trainable_blocks", "1", "--reinit_blocks", "1"], "not allowed with argument",
                                  False)):
         result = subprocess.run([sys.executable, "main_finetune.py", *tiny_argv(data, tmp_path, ckpt), *extra],
@@ -173,6 +175,13 @@ def test_user_errors_exit_with_one_line_and_argparse_errors_keep_their_format(se
             assert last.startswith("main_finetune.py: error: ") and message in last and "usage:" not in result.stderr
         else:
             assert "usage: main_finetune.py" in result.stderr
+    setup_logging()  # to this test's stdout: an earlier test's handler may hold a closed stream
+    monkeypatch.setattr(sys, "argv", ["main_finetune.py", *tiny_argv(data, tmp_path, ckpt), "--batch_size", "64"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(ROOT / "main_finetune.py"), run_name="__main__")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == ("main_finetune.py: error: --batch_size 64 x 1 ranks exceeds the 12 training "
+                                       "images (the last incomplete batch is dropped)\n")
 
 
 def test_trainable_blocks_step_leaves_frozen_weights_bit_identical(setup, tmp_path):

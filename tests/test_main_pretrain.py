@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from conftest import ROOT, TINY_FLAGS, write_image_folder
 
 import main_pretrain
 from util.checkpoint import load_checkpoint
-from util.misc import seed_everything
+from util.misc import seed_everything, setup_logging
 
 
 def tiny_args(data: Path, out: Path, *extra: str):
@@ -115,18 +116,23 @@ def test_missing_empty_and_flat_data_path(tmp_path, capsys):
     assert "--data_path is required" in capsys.readouterr().err
 
 
-def test_command_line_errors_are_one_line_and_status_2(tmp_path):
-    """While parsing (--mask_ratio) and once the run has started (a batch larger than the data): `prog: error:` and
-    the message, nothing else (no usage block, no traceback)."""
+def test_command_line_errors_are_one_line_and_status_2(tmp_path, monkeypatch, capsys):
+    """While parsing (--mask_ratio, from the command line) and once the run has started (a batch larger than the
+    data, in-process through the script's __main__): `prog: error:` and the message, no usage block, no traceback."""
     data = write_image_folder(tmp_path / "images", num_images=6)
-    for extra, message in ((["--mask_ratio", "1.5"], "--mask_ratio must be in (0, 1)"),
-                           (["--batch_size", "8", "--device", "cpu"], "--batch_size 8 x 1 processes exceeds the 6")):
-        proc = subprocess.run([sys.executable, "main_pretrain.py", "--data_path", str(data), *TINY_FLAGS, "--model",
-                               "deepmim_vit_small_patch16", "--num_workers", "0", "--output_dir", str(tmp_path / "out"),
-                               *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        last = proc.stderr.strip().splitlines()[-1]
-        assert proc.returncode == 2 and last.startswith("main_pretrain.py: error: ") and message in last, proc.stderr
-        assert "usage:" not in proc.stderr and "Traceback" not in proc.stderr
+    argv = ["--data_path", str(data), *TINY_FLAGS, "--model", "deepmim_vit_small_patch16", "--num_workers", "0",
+            "--output_dir", str(tmp_path / "out"), "--device", "cpu"]
+    proc = subprocess.run([sys.executable, "main_pretrain.py", *argv, "--mask_ratio", "1.5"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "usage:" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "main_pretrain.py: error: --mask_ratio must be in (0, 1), got 1.5"
+    setup_logging()  # to this test's stdout: an earlier test's handler may hold a closed stream
+    monkeypatch.setattr(sys, "argv", ["main_pretrain.py", *argv, "--batch_size", "8"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(ROOT / "main_pretrain.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("main_pretrain.py: error: --batch_size 8 x 1 processes exceeds the 6 training images")
 
 
 DDP_DRIVER = """
