@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from util import checkpoint as ckpt
 from util import distributed
 from util.cls_run import report, write_eval_record
-from util.misc import MetricLogger, RunClock, append_json_log, log_summary, make_log_writer
+from util.misc import MetricLogger, RunClock, SmoothedValue, append_json_log, log_summary, make_log_writer
 from util.preemption import GracefulStop
 from util.resume import resume_run
 from util.training import StepLoss, UpdateHook, autocast_context, maybe_compile, train_epoch, wrap_ddp
@@ -79,9 +79,13 @@ def evaluate(
             evaluated the whole set and its own counts are the answer.
 
     Run it on the bare model (not DDP): shards may have unequal lengths and DDP's forward would wait for the others.
+    The `Test:` progress lines show this rank's running values weighted by batch size, the number the final line
+    reports once every batch (and, sharded, every rank) is in.
     """
     model.eval()
     metric_logger = MetricLogger()
+    for name in ("loss", "acc1", "acc5"):
+        metric_logger.add_meter(name, SmoothedValue(fmt="{global_avg:.3f}"))
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, correct@1, correct@5, samples
     remaining = math.inf if num_samples is None else num_samples
     for images, target in metric_logger.log_every(data_loader, 50, "Test:"):
@@ -97,7 +101,7 @@ def evaluate(
         loss_sum = F.cross_entropy(output, target, reduction="sum")
         totals += torch.stack([loss_sum.double(), acc1.double() * n / 100, acc5.double() * n / 100,
                                torch.tensor(n, dtype=torch.float64, device=device)])
-        metric_logger.update(loss=loss_sum / n, acc1=acc1, acc5=acc5)
+        metric_logger.update(n=n, loss=loss_sum / n, acc1=acc1, acc5=acc5)
     if sharded and distributed.is_dist():
         dist.all_reduce(totals)
     loss_sum, correct1, correct5, count = totals.tolist()
@@ -119,8 +123,8 @@ class Run:
     checkpoints, mid-epoch saves and graceful stops.
 
     Checkpoints (util.checkpoint's training state plus "best_acc"): checkpoint-last.pth (every epoch end and every
-    --save_every_iters updates), checkpoint-<epoch>.pth every --save_freq epochs, checkpoint-best.pth (best val top-1,
-    at epoch ends). Evaluation runs at epoch ends only.
+    --save_every_iters updates), checkpoint-<epoch>.pth every --save_freq epochs, checkpoint-best.pth (best val top-1
+    among the evaluated epochs). Evaluation runs at the end of every --eval_freq-th epoch and of the last one.
     """
 
     def __init__(
@@ -205,13 +209,15 @@ class Run:
                                       clip_grad=getattr(args, "clip_grad", None),  # linprobe: no --clip_grad
                                       log_writer=log_writer, start_step=start_step, on_update=on_update)
             start_step = 0
-            test_stats = self.evaluate()
-            is_best = test_stats["acc1"] > self.best_acc
-            self.best_acc = max(self.best_acc, test_stats["acc1"])
+            epoch_stats, is_best = {}, False
+            if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:
+                test_stats = epoch_stats = self.evaluate()
+                is_best = test_stats["acc1"] >= self.best_acc  # ties: the later epoch (a 0 % run still has one)
+                self.best_acc = max(self.best_acc, test_stats["acc1"])
+                logger.info("Accuracy of the network on the %d test images: %.1f%% (max %.2f%%)", test_stats["n"],
+                            test_stats["acc1"], self.best_acc)
             self.save(epoch, 0, is_best)
-            logger.info("Accuracy of the network on the %d test images: %.1f%% (max %.2f%%)", test_stats["n"],
-                        test_stats["acc1"], self.best_acc)
-            log_epoch(args, log_writer, epoch, train_stats, test_stats, self.num_trainable())
+            log_epoch(args, log_writer, epoch, train_stats, epoch_stats, self.num_trainable())
             if stopper.stop_requested():  # a collective: every rank stops after the same epoch
                 stopper.finish()
         return test_stats
@@ -222,8 +228,9 @@ class Run:
 
 def log_epoch(args: argparse.Namespace, log_writer: Any, epoch: int, train_stats: Mapping[str, float],
               test_stats: Mapping[str, float], n_parameters: int) -> None:
-    """One JSON line in log.txt and the test scalars in TensorBoard (rank 0)."""
-    if log_writer is not None:
+    """One JSON line in log.txt and the test scalars in TensorBoard (rank 0); `test_stats` is empty for an epoch
+    that was not evaluated (--eval_freq)."""
+    if log_writer is not None and test_stats:
         for key in ("acc1", "acc5", "loss"):
             log_writer.add_scalar(f"perf/test_{key}", test_stats[key], epoch)
         log_writer.flush()

@@ -27,6 +27,7 @@ from torch import nn
 import models_vit
 from engine_finetune import Run, execute
 from util import cls_run
+from util.cli import script_parser, user_errors
 from util.cls_data import build_datasets, build_loaders, linprobe_transform
 from util.config import flag_defaults
 
@@ -35,12 +36,15 @@ logger = logging.getLogger(__name__)
 LARS_MOMENTUM = 0.9  # MAE's LARS defaults
 LARS_TRUST_COEFF = 0.001
 
-# --demo: digits from the demo pre-training checkpoint, under a minute on a 2-core CPU, about 90% top-1. LARS moves
-# each weight matrix by lr * 0.001 of its norm per step; MAE's recipe takes ~7000 steps at lr 6.4, the demo ~130, hence
-# its large base lr. Without augmentation, as the fine-tuning demo (see main_finetune.py's DEMO_OVERRIDES).
+# --demo: digits from the demo pre-training checkpoint (220 steps), about 89% top-1. LARS moves each weight matrix by
+# lr * 0.001 of its norm per step (momentum 0.9 multiplies that by up to 10), so the head, initialised at std 0.01,
+# grows geometrically: MAE's recipe takes ~7000 steps at lr 6.4, the demo needs a larger base lr. blr 30 (lr 15) is
+# the largest measured that never overshoots: top-1 stays near chance for ~3 epochs while the head grows, then rises;
+# at blr 100 the loss spiked from 2.3 to ~60 and top-1 sat at chance for 4 epochs before recovering, at 40-50 to ~10
+# (README). Without augmentation, as the fine-tuning demo (see main_finetune.py's DEMO_OVERRIDES).
 DEMO_OVERRIDES: dict[str, Any] = dict(
-    finetune=cls_run.DEMO_PRETRAIN_CHECKPOINT, output_dir="./output_demo/linprobe", log_dir="./output_demo/linprobe",
-    nb_classes=10, epochs=12, batch_size=128, blr=100.0, warmup_epochs=1, no_aug=True, num_workers=0,
+    finetune=cls_run.DEMO_PRETRAIN_CHECKPOINT, output_dir="./output_demo/linprobe",
+    nb_classes=10, epochs=20, batch_size=128, blr=30.0, warmup_epochs=1, no_aug=True, num_workers=0,
     print_freq=10, save_freq=100,
 )
 
@@ -61,7 +65,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup_epochs", default=10, type=int)
 
     g = parser.add_argument_group("Probe")
-    g.add_argument("--finetune", default="", type=str, help="pre-trained checkpoint (ours, MAE's or DeepMIM's)")
+    g.add_argument("--finetune", default="", type=str,
+                   help="pre-trained encoder: a checkpoint (ours, MAE's or DeepMIM's), or an export of "
+                        "tools/export_encoder.py (.safetensors or Hub folder); architecture and input size come from "
+                        "its model_cfg")
     g.add_argument("--global_pool", action="store_true", help="average patch tokens + fc_norm")
     g.add_argument("--cls_token", action="store_false", dest="global_pool", help="normalised cls token (default)")
     parser.set_defaults(global_pool=False)
@@ -73,13 +80,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_args(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Validate and complete the flags; returns the loaded source checkpoint. Raises ValueError naming the flag."""
-    cls_run.apply_demo_overrides(args, get_args_parser(), DEMO_OVERRIDES)
-    cls_run.check_common_args(args)
+def resolve_args(args: argparse.Namespace, read_files: bool = True) -> dict[str, Any] | None:
+    """Validate and complete the flags; returns the loaded source checkpoint. Raises ValueError naming the flag.
+
+    With `read_files` False (--print_config) no file is checked, required or read, and the architecture of the
+    --finetune / --resume checkpoint is left unresolved (None: "the checkpoint's")."""
+    cls_run.apply_demo_overrides(args, get_args_parser(), DEMO_OVERRIDES, read_files)
+    cls_run.check_common_args(args, read_files)
+    if not read_files:
+        return None
     if not args.finetune and not args.resume:
         raise ValueError("--finetune is required: linear probing needs a pre-trained encoder")
-    checkpoint = cls_run.load_source_checkpoint(args)  # `--resume auto` with nothing to resume: from --finetune
+    # `--resume auto` with nothing to resume: from --finetune
+    checkpoint = cls_run.load_source_checkpoint(args, models_vit.load_encoder_source)
     if checkpoint is None:
         raise ValueError(f"--finetune is required: --resume {args.resume or 'auto'} found no checkpoint in "
                          f"--output_dir {args.output_dir}, and linear probing needs a pre-trained encoder")
@@ -135,5 +148,5 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    cli = argparse.ArgumentParser("DeepMIM linear probing", parents=[get_args_parser()])
-    train(*cls_run.parse_and_resolve(cli, resolve_args))
+    with user_errors():
+        train(*cls_run.parse_and_resolve(script_parser(__doc__, [get_args_parser()]), resolve_args))

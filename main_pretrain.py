@@ -41,21 +41,22 @@ from targets.hybrid import check_generator_file, check_hybrid_args
 from util import checkpoint as ckpt
 from util import config, distributed, resume
 from util.amp import AMP_CHOICES, configure_backends, describe_machine, resolve_machine
-from util.datasets import (
-    check_image_folder,
-)
+from util.cli import script_parser, user_errors
+from util.datasets import check_image_folder
 from util.misc import RunClock, append_json_log, log_summary, make_log_writer, seed_everything, setup_logging
 from util.patches import num_visible
 from util.preemption import GracefulStop
+from util.run_folder import add_overwrite_arg, check_output_dir, prepare_output_dir
 from util.training import UpdateHook, add_compile_args, maybe_compile, wrap_ddp
 
 logger = logging.getLogger("main_pretrain")
 
-# `--demo`: a small DeepMIM on 32x32 crops of real photographs, about a minute on two CPU cores.
+# `--demo`: a small DeepMIM (the registry's demo encoder: patch 4, width 128, 6 blocks, 4 heads) on 32x32 crops of
+# real photographs, a few minutes on two CPU cores.
 DEMO_SETTINGS = dict(
-    model="deepmim_vit_small_patch16", input_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4,
-    decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=4, batch_size=32, epochs=20, warmup_epochs=2,
-    blr=5e-3, norm_pix_loss=True, num_workers=0, save_freq=10, print_freq=10,
+    model="deepmim_vit_demo_patch4", input_size=32, decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=4,
+    batch_size=32, epochs=20, warmup_epochs=2, blr=5e-3, norm_pix_loss=True, num_workers=0, save_freq=10,
+    print_freq=10,
 )
 DEMO_OUTPUT_DIR = "./output_demo/pretrain"
 
@@ -68,7 +69,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--epochs", default=1600, type=int, help="paper Tab. 2: 1600; ablations: 300")
     run.add_argument("--accum_iter", default=1, type=int, help="steps of gradient accumulation per update")
     config.add_global_batch_arg(run)
-    run.add_argument("--demo", action="store_true", help="tiny DeepMIM on built-in photographs; see DEMO_SETTINGS")
+    run.add_argument("--demo", action="store_true",
+                     help="a small DeepMIM on crops of scikit-image's photographs (minutes on a CPU), into "
+                          f"{DEMO_OUTPUT_DIR}; sets every flag left at its default: "
+                          + " ".join(f"--{k}" if v is True else f"--{k} {v}" for k, v in DEMO_SETTINGS.items()))
 
     model = parser.add_argument_group("Model")
     model.add_argument("--model", default="deepmim_vit_base_patch16", type=str, help="registered model name")
@@ -121,6 +125,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     system.add_argument("--data_path", default=None, type=str, help="ImageFolder root (or its parent with train/)")
     system.add_argument("--output_dir", default="./output_dir", type=str, help="checkpoints and log.txt")
     system.add_argument("--log_dir", default=None, type=str, help="TensorBoard folder (default: output_dir)")
+    add_overwrite_arg(system)
     system.add_argument("--device", default=None, type=str,
                         help="cuda or cpu (default: cuda when available; decided in the job, on the compute node)")
     system.add_argument("--amp", default=None, choices=AMP_CHOICES,
@@ -178,9 +183,10 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser | Non
     return args
 
 
-def validate_args(args: argparse.Namespace, check_data: bool = True) -> None:
+def validate_args(args: argparse.Namespace, check_files: bool = True) -> None:
     """Raise ValueError naming the flag for any argument that cannot work. Runs before any model or data, and on
-    a login node before submission: nothing here depends on the machine (device and amp may still be None)."""
+    a login node before submission: nothing here depends on the machine (device and amp may still be None). With
+    `check_files` False (--print_config) no file or folder is required, checked or read."""
     if args.model not in models_deepmim.MODELS:
         raise ValueError(f"--model {args.model!r} is unknown; choose from {', '.join(sorted(models_deepmim.MODELS))}")
     for flag in ("batch_size", "epochs", "accum_iter", "input_size", "save_freq", "print_freq"):
@@ -196,7 +202,7 @@ def validate_args(args: argparse.Namespace, check_data: bool = True) -> None:
     if not 0 < visible < num_patches:
         raise ValueError(f"--mask_ratio {args.mask_ratio} leaves {visible} of {num_patches} patches visible")
     _validate_blocks(args)
-    _validate_targets(args, patch)
+    _validate_targets(args, patch, check_files)
     if args.blr <= 0 or (args.lr is not None and args.lr <= 0):
         raise ValueError("--blr and --lr must be > 0")
     if args.weight_decay < 0 or args.min_lr < 0:
@@ -212,12 +218,14 @@ def validate_args(args: argparse.Namespace, check_data: bool = True) -> None:
         raise ValueError("--save_every_iters, --save_every_minutes and --max_bad_images must be >= 0")
     if args.dist_timeout <= 0:
         raise ValueError(f"--dist_timeout must be > 0 minutes, got {args.dist_timeout}")
+    if not check_files:
+        return
     if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
         raise ValueError(f"--resume {args.resume}: no such file")
-    if not args.demo and check_data:
+    if not args.demo:
         if args.data_path is None:
             raise ValueError("--data_path is required (or use --demo for the built-in photographs)")
-        check_image_folder(args.data_path)
+        check_image_folder(args.data_path, prefer="train")
 
 
 def _validate_blocks(args: argparse.Namespace) -> None:
@@ -233,17 +241,17 @@ def _validate_blocks(args: argparse.Namespace) -> None:
                          f"{list(blocks)}; give one weight per block")
 
 
-def _validate_targets(args: argparse.Namespace, patch_size: int) -> None:
+def _validate_targets(args: argparse.Namespace, patch_size: int, check_files: bool = True) -> None:
     if args.hybrid_generator and args.target != "pixel":  # first, so that the message names both flags
         why = "; token ids are discrete and cannot be blended" if args.target == "codebook" else ""
         raise ValueError(f"--hybrid_generator blends reconstructed pixels (paper Eq. 1: a x + (1 - a) x_hat) and "
                          f"needs --target pixel, got --target {args.target}{why}")
-    check_target_args(args.target, args.teacher_path, patch_size, args.teacher_model)
-    masking.mask_teacher_from_args(args)
+    check_target_args(args.target, args.teacher_path, patch_size, args.teacher_model, check_files=check_files)
+    masking.mask_teacher_from_args(args, check_files=check_files)
     depth = models_deepmim.encoder_depth(args.model, args.depth)
     check_hybrid_args(args.hybrid_generator, args.hybrid_alphas, args.supervised_blocks or
-                      default_blocks(args.model, depth))
-    if args.hybrid_generator:  # the generator must see the student's grid: checked from its file, nothing built
+                      default_blocks(args.model, depth), check_files=check_files)
+    if args.hybrid_generator and check_files:  # the generator must see the student's grid: from its file
         check_generator_file(args.hybrid_generator, input_size=args.input_size, patch_size=patch_size)
 
 
@@ -269,10 +277,13 @@ def main(args: argparse.Namespace) -> RunResult:
 def _main(args: argparse.Namespace) -> RunResult:
     resolve_args(args)
     validate_args(args)
+    check_output_dir(args)  # every rank, before anything is written: a fresh run never writes over another one
     resolve_machine(args)  # device and amp of this machine (in a SLURM job: the compute node)
     distributed.apply_legacy_launcher_args(args)
     dist_info = distributed.init_distributed(args.device, args.dist_url, args.dist_backend, args.output_dir)
+    prepare_output_dir(args)  # every rank has checked; --overwrite deletes the old run's files (rank 0)
     config.apply_global_batch(args, dist_info.world_size)  # a config's global batch -> --accum_iter here
+    config.resolve_lr(args, dist_info.world_size)  # MAE / paper Appendix A: lr = blr x effective batch / 256
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     setup_logging(args.output_dir)
     device = dist_info.device(args.device)  # 'cuda': this rank's GPU, local rank modulo the GPUs it sees
@@ -296,14 +307,12 @@ def _main(args: argparse.Namespace) -> RunResult:
     model = build_model(args, target.pred_dim, target.loss_type).to(device)
     model.set_grad_checkpointing(args.grad_ckpt)
     eff_batch = args.batch_size * args.accum_iter * dist_info.world_size
-    if args.lr is None:
-        args.lr = args.blr * eff_batch / 256  # MAE / paper Appendix A: lr = base_lr * batch / 256
     logger.info("model %s, blocks %s, eff. batch %d, lr %.3g, amp %s", args.model, model.supervised_blocks,
                 eff_batch, args.lr, args.amp)
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     defaults = config.flag_defaults(get_args_parser())  # what runs that predate a flag ran with
-    start_step = resume.resume_training(model, optimizer, scaler, args, defaults) if args.resume else 0
+    start_step = _resume(model, optimizer, scaler, args, defaults) if args.resume else 0
     targets_fn = build_targets_fn(args, target, model, device)
     mask_fn = masking.build_mask_strategy(args.mask_strategy, masking.mask_teacher_from_args(args),
                                           grid_size=model.grid_size, target=target, device=device)
@@ -348,6 +357,20 @@ def _main(args: argparse.Namespace) -> RunResult:
     return RunResult(model, stats)
 
 
+def _resume(model, optimizer, scaler, args: argparse.Namespace, defaults) -> int:
+    """`--resume`: after checking that the checkpoint is a pre-training one (`util.resume` then checks that it is
+    this experiment's), restore it; returns the steps of the resumed epoch already done."""
+    path, state = resume.load_resume_state(args)
+    if state is None:
+        return 0
+    name = (state.get("model_cfg") or {}).get("name")
+    if name is not None and name not in models_deepmim.MODELS:
+        raise ValueError(f"--resume {path} is a fine-tuning or linear-probing checkpoint (model_cfg name {name!r}, "
+                         "written by main_finetune.py or main_linprobe.py), not a pre-training one: continue it with "
+                         "that script's --resume, or start pre-training in another --output_dir")
+    return resume.restore_training_state(state, model, optimizer, scaler, args, path=path, defaults=defaults)
+
+
 def _train_epoch(train_model, model, loader: DataLoader, dataset, optimizer, scaler, device: torch.device, epoch: int,
                  args: argparse.Namespace, targets_fn: TargetsFn | None, log_writer, start_step: int,
                  on_update: UpdateHook, save, mask_fn) -> tuple[dict[str, float], bool]:
@@ -383,14 +406,12 @@ def _save(model, optimizer, scaler, args: argparse.Namespace, writer: ckpt.Backg
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and validate; bad arguments exit with status 2 and a message naming the flag."""
-    parser = argparse.ArgumentParser("DeepMIM pre-training", parents=[get_args_parser()])
+    """Parse and validate; bad arguments exit with status 2 and one line naming the flag (`util.cli`)."""
+    parser = script_parser(__doc__, [get_args_parser()])
     args = resolve_args(config.parse_with_config(parser, argv), parser)
-    try:
-        config.maybe_print_config(args, partial(validate_args, check_data=False), parser)  # reads no data
+    with user_errors(parser.prog):
+        config.maybe_print_config(args, partial(validate_args, check_files=False), parser)  # reads no file
         validate_args(args)
-    except ValueError as err:
-        parser.error(str(err))
     warn_without_norm_pix(args)
     return args
 
@@ -405,4 +426,5 @@ def warn_without_norm_pix(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with user_errors():
+        main(parse_args())

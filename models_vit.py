@@ -14,11 +14,14 @@ encoder), and the per-head attention maps of a block.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from functools import partial
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -27,6 +30,7 @@ from timm.models._manipulate import named_apply
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 from torch import Tensor, nn
 
+from util.checkpoint import load_checkpoint
 from util.config import check_range
 
 logger = logging.getLogger(__name__)
@@ -36,6 +40,17 @@ VIT_SIZES: dict[str, tuple[int, int, int, int]] = {  # name: (patch_size, embed_
     "vit_base_patch16": (16, 768, 12, 12),
     "vit_large_patch16": (16, 1024, 24, 16),
     "vit_huge_patch14": (14, 1280, 32, 16),
+    # The CPU demo's encoder (`main_pretrain.py --demo`, 32-px images): patch 4, width 128, 6 blocks, 4 heads.
+    "vit_demo_patch4": (4, 128, 6, 4),
+}
+# Our classifier names -> the timm architecture with the same blocks (qkv bias, LayerNorm eps 1e-6, MLP ratio 4);
+# exports spell out every size, so the demo's encoder is timm's ViT-S/16 with its own sizes.
+TIMM_ARCHITECTURES = {
+    "vit_small_patch16": "vit_small_patch16_224",
+    "vit_base_patch16": "vit_base_patch16_224",
+    "vit_large_patch16": "vit_large_patch16_224",
+    "vit_huge_patch14": "vit_huge_patch14_224",
+    "vit_demo_patch4": "vit_small_patch16_224",
 }
 ARCH_KEYS = ("patch_size", "embed_dim", "depth", "num_heads")
 # Our classifier names -> the timm architecture with the same blocks (qkv bias, LayerNorm eps 1e-6, MLP ratio 4): the
@@ -128,6 +143,7 @@ vit_small_patch16 = _factory("vit_small_patch16")
 vit_base_patch16 = _factory("vit_base_patch16")
 vit_large_patch16 = _factory("vit_large_patch16")
 vit_huge_patch14 = _factory("vit_huge_patch14")
+vit_demo_patch4 = _factory("vit_demo_patch4")
 
 
 def encoder_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -147,6 +163,56 @@ def encoder_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------
 # Loading pre-trained encoders
 # --------------------------------------------------------------------------------------------------------------
+
+
+def load_encoder_source(path: str | os.PathLike) -> dict[str, Any]:
+    """Any file or folder that holds a ViT encoder, as a checkpoint: {"model": state dict, "model_cfg": ...}.
+
+    - a torch checkpoint (`util.checkpoint.load_checkpoint`, weights_only): this project's pre-training, fine-tuning
+      and probing checkpoints (with "model_cfg"), MAE's and DeepMIM's released files (weights only);
+    - a `.safetensors` export of tools/export_encoder.py: its tensors, and the source's "model_cfg" from the
+      metadata;
+    - a timm Hub folder (`export_encoder.py --hub_dir`: config.json + model.safetensors): a classifier
+      "model_cfg" from config.json's architecture and model_args.
+
+    Where "model_cfg" is known, architecture and input size come from it (`resolve_architecture`). Raises
+    ValueError naming the file or folder when it holds none of these.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return load_hub_folder(path)
+    return load_checkpoint(path)
+
+
+def load_hub_folder(folder: Path) -> dict[str, Any]:
+    """A timm Hub folder (config.json + model.safetensors) as {"model": tensors, "model_cfg": classifier config}."""
+    config_file, weights = folder / "config.json", folder / "model.safetensors"
+    if not config_file.is_file() or not weights.is_file():
+        raise ValueError(f"{folder} is a folder but not a timm Hub folder (config.json + model.safetensors, as "
+                         "tools/export_encoder.py --hub_dir writes)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is not JSON: {err}") from err
+    return {"model": load_checkpoint(weights)["model"], "model_cfg": hub_classifier_config(config, str(folder))}
+
+
+def hub_classifier_config(config: Mapping[str, Any], where: str = "config.json") -> dict[str, Any]:
+    """The classifier config (`create_classifier`'s arguments) of a timm Hub config.json: sizes from its
+    model_args, else from the registry entry of its architecture; the registry name whose sizes these are."""
+    arch, args = str(config.get("architecture", "")), dict(config.get("model_args") or {})
+    by_arch = {timm_name: name for name, timm_name in reversed(TIMM_ARCHITECTURES.items())}
+    if arch not in by_arch:
+        raise ValueError(f"{where}: architecture {arch!r} is not a ViT this project builds "
+                         f"({', '.join(sorted(by_arch))})")
+    sizes = dict(zip(ARCH_KEYS, VIT_SIZES[by_arch[arch]]))
+    sizes.update({k: int(args[k]) for k in ARCH_KEYS if args.get(k) is not None})
+    same = [name for name, values in VIT_SIZES.items() if values == tuple(sizes[k] for k in ARCH_KEYS)]
+    img_size = args.get("img_size") or (config.get("pretrained_cfg") or {}).get("input_size", [3, 224])[-1]
+    img_size = img_size[0] if isinstance(img_size, (list, tuple)) else img_size
+    return {"name": same[0] if same else by_arch[arch], "img_size": int(img_size), **sizes,
+            "num_classes": int(args.get("num_classes", config.get("num_classes", 0)) or 0),
+            "global_pool": args.get("global_pool", config.get("global_pool")) == "avg"}
 
 
 class EncoderLoadReport(NamedTuple):
@@ -334,6 +400,8 @@ def resolve_architecture(args: argparse.Namespace, checkpoint: Mapping[str, Any]
     if cfg is not None:
         encoder = encoder_config(cfg)
         fixed = bool(args.resume)  # a run in progress keeps its architecture
+        if not fixed:
+            check_given_architecture(args, encoder)
         for key in ("model", "input_size", *ARCH_KEYS):
             source = {"model": "name", "input_size": "img_size"}.get(key, key)
             if getattr(args, key) is None or fixed:
@@ -354,3 +422,24 @@ def resolve_architecture(args: argparse.Namespace, checkpoint: Mapping[str, Any]
     for flag in ("trainable_blocks", "reinit_blocks"):
         if getattr(args, flag, None) is not None:
             check_last_blocks(getattr(args, flag), args.depth, f"--{flag}")
+
+
+def check_given_architecture(args: argparse.Namespace, encoder: Mapping[str, Any]) -> None:
+    """Raise ValueError unless --model and the size flags given on the command line describe the encoder of the
+    --finetune checkpoint (`encoder`: its `encoder_config`): another architecture would not hold its weights, and
+    building the checkpoint's sizes under another --model name would mislabel the run. The checkpoint's own name,
+    and names with the same sizes (an older checkpoint's name for the demo encoder), pass."""
+    if args.model is None and all(getattr(args, k) is None for k in ARCH_KEYS):
+        return
+    if args.model is not None and args.model not in VIT_SIZES:
+        raise ValueError(f"--model {args.model!r} is unknown; known: {', '.join(VIT_SIZES)}")
+    own_name = args.model in (None, encoder["name"])  # the checkpoint's name stands for its (overridden) sizes
+    wanted = {k: encoder[k] for k in ARCH_KEYS} if own_name else dict(zip(ARCH_KEYS, VIT_SIZES[args.model]))
+    wanted.update({k: getattr(args, k) for k in ARCH_KEYS if getattr(args, k) is not None})
+    differ = [k for k in ARCH_KEYS if wanted[k] != encoder[k]]
+    if differ:
+        given = " ".join(f"--{k} {getattr(args, k)}" for k in ("model", *ARCH_KEYS) if getattr(args, k) is not None)
+        stored = ", ".join(f"{k} {encoder[k]}" for k in ARCH_KEYS)
+        raise ValueError(f"{given} does not describe the --finetune checkpoint's encoder ({encoder['name']}: {stored}"
+                         f"; differs in {', '.join(differ)}): leave these flags out to build the checkpoint's "
+                         "architecture, or fine-tune a checkpoint of the architecture you want")

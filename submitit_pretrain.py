@@ -16,6 +16,7 @@ from functools import partial
 
 import main_pretrain
 from util import submit
+from util.cli import script_parser, user_errors
 from util.config import derive_accum_iter, maybe_print_config, parse_with_config
 
 
@@ -23,17 +24,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate on the submitting machine. Nothing here depends on that machine: --amp stays as given (None
     by default) and is resolved inside the job, on the compute node; util.submit turns a default --device into cuda
     when GPUs are requested."""
-    parser = argparse.ArgumentParser("Submitit for DeepMIM pre-training", parents=[main_pretrain.get_args_parser()])
+    parser = script_parser(__doc__, [main_pretrain.get_args_parser()])
     submit.add_launcher_args(parser)
     args = main_pretrain.resolve_args(parse_with_config(parser, argv), parser)
-    try:
+    with user_errors(parser.prog):
         submit.validate_launcher_args(args)
-        maybe_print_config(args, partial(main_pretrain.validate_args, check_data=False), parser)
+        maybe_print_config(args, partial(main_pretrain.validate_args, check_files=False), parser,
+                           world_size=args.nodes * args.ngpus)
         main_pretrain.validate_args(args)
         if args.global_batch_size is not None:  # fail now, not after the queue: the job derives --accum_iter
             derive_accum_iter(args.global_batch_size, args.batch_size, args.nodes * args.ngpus)
-    except ValueError as err:
-        parser.error(str(err))
     return args
 
 

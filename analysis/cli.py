@@ -10,17 +10,9 @@ from typing import Any
 
 from analysis.loading import LoadedModel, known_model_names, load_model
 from util import amp
-from util.datasets import check_image_folder
+from util.cli import HelpFormatter, exit_with_error
+from util.datasets import check_image_folder, default_num_workers
 from util.misc import setup_logging
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows the tool's docstring as written (with its example commands) and each flag's default."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False) or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 class UsageError(ValueError):
@@ -29,14 +21,14 @@ class UsageError(ValueError):
 
 def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], Any],
             argv: Sequence[str] | None = None) -> Any:
-    """Parse `argv` (default sys.argv), set up logging and run `main`; a UsageError exits with the parser's usage
-    message."""
+    """Parse `argv` (default sys.argv), set up logging and run `main`; a UsageError exits as the entry scripts' user
+    errors do: one line `prog: error: message` and status 2 (`util.cli`)."""
     args = parser.parse_args(argv)
     setup_logging()
     try:
         return main(args)
     except UsageError as err:
-        parser.error(str(err))
+        exit_with_error(err, parser.prog)
 
 
 def tool_parser(description: str | None, num_images: int, batch_size: int) -> argparse.ArgumentParser:
@@ -71,7 +63,8 @@ def add_common_args(parser: argparse.ArgumentParser, num_images: int, batch_size
     data.add_argument("--num_images", default=num_images, type=int, help="images to evaluate (evenly spaced)")
     data.add_argument("--batch_size", default=batch_size, type=int, help="images per forward pass")
     data.add_argument("--input_size", default=None, type=int, help="image size (default: the checkpoints')")
-    data.add_argument("--num_workers", default=4, type=int, help="data loading processes")
+    data.add_argument("--num_workers", default=None, type=int,
+                      help="data loading processes (default: this machine's CPUs - 2, as the training scripts)")
     data.add_argument("--seed", default=0, type=int, help="seed of the demo crops and of the masks")
     run = parser.add_argument_group("run")
     run.add_argument("--device", default=None,
@@ -84,9 +77,11 @@ def check_common_args(args: argparse.Namespace, unique_names: bool = True, min_b
     check_checkpoint_args(args, known_model_names(), unique_names)
     if args.data_path is not None:
         try:
-            check_image_folder(args.data_path)
+            check_image_folder(args.data_path, prefer="val")
         except ValueError as err:
             raise UsageError(str(err)) from None
+    if args.num_workers is None:
+        args.num_workers = default_num_workers()
     for flag, value, low in (("--num_images", args.num_images, 1), ("--batch_size", args.batch_size, min_batch),
                              ("--num_workers", args.num_workers, 0)):
         if value < low:

@@ -10,11 +10,9 @@ the robustness evaluation needs a classifier (`analysis.robustness.load_classifi
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -24,7 +22,6 @@ from torch import Tensor
 import models_deepmim
 import models_vit
 from models_deepmim import MaskedAutoencoderDeepMIM
-from util.checkpoint import read_checkpoint as read_file_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -43,37 +40,10 @@ CLASSIFIER_READOUT = ("head.", "fc_norm.")  # keys of a fine-tuned / probed clas
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint as a dict with "model" (and "model_cfg", "epoch" when stored), from any file or folder a tool
-    takes: a torch file or a `.safetensors` export (`util.checkpoint.read_checkpoint`), or a timm Hub folder of
-    `export_encoder.py --hub_dir` (`read_hub_folder`). Raises ValueError naming the file when it is unreadable."""
-    if Path(path).is_dir():
-        return read_hub_folder(path)
-    return read_file_checkpoint(path)
-
-
-def read_hub_folder(folder: str | os.PathLike) -> dict[str, Any]:
-    """A timm Hub folder (config.json + model.safetensors, `timm.models.save_for_hf`, as `export_encoder.py
-    --hub_dir` writes it) as {"model", "model_cfg"}: the classifier config (`models_vit.create_classifier`'s
-    arguments) of timm's architecture and model_args. Raises ValueError naming the folder for any other folder or
-    an architecture this project does not build."""
-    folder = Path(folder)
-    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-        raise ValueError(f"{folder} is a folder but not a timm Hub folder (config.json + model.safetensors, as "
-                         "tools/export_encoder.py --hub_dir writes it)")
-    config = json.loads((folder / "config.json").read_text())
-    names = {timm_name: name for name, timm_name in models_vit.TIMM_ARCHITECTURES.items()}
-    name, model_args = names.get(config.get("architecture")), dict(config.get("model_args") or {})
-    unknown = sorted(set(model_args) - {*models_vit.ARCH_KEYS, "img_size", "num_classes", "global_pool", "in_chans"})
-    img_size = model_args.pop("img_size", 224)
-    img_size = img_size[0] if isinstance(img_size, (list, tuple)) else img_size
-    if name is None or unknown or model_args.get("in_chans", 3) != 3:
-        raise ValueError(f"{folder}: timm architecture {config.get('architecture')!r} with model_args "
-                         f"{sorted(config.get('model_args') or {})} is not a ViT this project builds (Hub folders of "
-                         f"{', '.join(models_vit.TIMM_ARCHITECTURES.values())} written by tools/export_encoder.py)")
-    cfg = {"name": name, "img_size": img_size, **{k: model_args[k] for k in models_vit.ARCH_KEYS if k in model_args},
-           "num_classes": model_args.get("num_classes", config.get("num_classes", 1000)),
-           "global_pool": model_args.get("global_pool", config.get("global_pool", "token")) == "avg"}
-    return {"model": read_file_checkpoint(folder / "model.safetensors")["model"], "model_cfg": cfg}
+    """A checkpoint as a dict with "model" (and "model_cfg", "epoch" when stored): `models_vit.load_encoder_source`
+    (a torch file read with weights_only, a `.safetensors` export whose metadata holds the source's "model_cfg", or
+    a timm Hub folder). Raises ValueError naming the file when it is unreadable."""
+    return models_vit.load_encoder_source(path)
 
 
 def is_classifier_config(cfg: Mapping[str, Any]) -> bool:

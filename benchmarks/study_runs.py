@@ -34,7 +34,7 @@ def pretrain_argv(variant: str, seed: int, budget: Budget, data: Path, output_di
     v = VARIANTS[variant]
     decoder_depth = budget.mae_decoder_depth if v.model.startswith("mae") else budget.deepmim_decoder_depth
     argv = [
-        "--model", v.model, "--data_path", str(data), "--output_dir", str(output_dir), "--log_dir", "",
+        "--model", v.model, "--data_path", str(data), "--output_dir", str(output_dir), "--log_dir", "", "--overwrite",
         "--input_size", str(budget.input_size), "--patch_size", str(budget.patch_size),
         "--embed_dim", str(budget.embed_dim), "--depth", str(budget.depth), "--num_heads", str(budget.num_heads),
         "--decoder_embed_dim", str(budget.decoder_embed_dim), "--decoder_depth", str(decoder_depth),
@@ -56,7 +56,7 @@ def finetune_argv(checkpoint: Path | None, seed: int, budget: Budget, data: Path
     augmentation, MAE's other defaults), from `checkpoint`'s encoder or, with None, from a random initialisation of
     the same architecture."""
     argv = [
-        "--data_path", str(data), "--output_dir", str(output_dir), "--log_dir", "",
+        "--data_path", str(data), "--output_dir", str(output_dir), "--log_dir", "", "--overwrite",
         "--epochs", str(budget.finetune_epochs), "--batch_size", str(budget.finetune_batch_size),
         "--blr", str(budget.finetune_blr), "--warmup_epochs", str(budget.finetune_warmup_epochs), "--no_aug",
         "--seed", str(seed), "--num_workers", "0", "--device", budget.device, "--print_freq", "1000",

@@ -33,7 +33,7 @@ VARIANTS: dict[str, Variant] = {
 
 CROP_SCALE = (0.05, 0.3)  # area of a crop task's crops, as a fraction of the source image
 # The crop tasks' sources: scikit-image's sample images that ship with the package (no download). Note that
-# skimage.data.cat() is the same photograph as chelsea() (util.datasets.DEMO_PHOTOS holds both).
+# skimage.data.cat() is the same photograph as chelsea(), so neither list holds both.
 CROP_SOURCES: dict[str, tuple[tuple[str, ...], bool]] = {  # task -> (skimage.data names, convert to grayscale)
     "photo_crops": (("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
                      "colorwheel", "retina"), False),

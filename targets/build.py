@@ -127,14 +127,14 @@ def check_teacher_model(flag: str, name: str | None) -> None:
 
 def check_target_args(
     target: str, teacher_path: str | os.PathLike | None, patch_size: int | None = None,
-    teacher_model: str | None = None,
+    teacher_model: str | None = None, check_files: bool = True,
 ) -> None:
     """Validate `--target` / `--teacher_path` / `--teacher_model` (and the patch size HOG needs) before any compute.
 
     Raises ValueError naming the flag: unknown target (with the allowed values); clip/dino/codebook without
-    `--teacher_path` or with a path that is not a file; `--teacher_path` or `--teacher_model` given for a target
-    that reads no teacher, or a `--teacher_model` timm does not know; HOG with a patch size that is not a multiple
-    of its 8-pixel cell.
+    `--teacher_path` or with a path that is not a file (not checked with `check_files` False: --print_config);
+    `--teacher_path` or `--teacher_model` given for a target that reads no teacher, or a `--teacher_model` timm does
+    not know; HOG with a patch size that is not a multiple of its 8-pixel cell.
     """
     if target not in TARGETS:
         raise ValueError(f"--target {target!r} is unknown; choose one of {', '.join(TARGETS)}")
@@ -143,7 +143,7 @@ def check_target_args(
             what = "weight file of the tokenizer (BEiT v2's VQ-KD)" if target == "codebook" else \
                 f"{target.upper()} weight file"
             raise ValueError(f"--target {target} needs --teacher_path (a local {what})")
-        if not Path(teacher_path).is_file():
+        if check_files and not Path(teacher_path).is_file():
             raise ValueError(f"--teacher_path {teacher_path} does not exist or is not a file")
     else:
         for flag, value in (("--teacher_path", teacher_path), ("--teacher_model", teacher_model)):

@@ -50,13 +50,15 @@ def check_hybrid_args(
     hybrid_generator: str | os.PathLike | None,
     hybrid_alphas: Sequence[float] | None,
     supervised_blocks: Sequence[int],
+    check_files: bool = True,
 ) -> tuple[float, ...]:
     """Validate `--hybrid_generator` / `--hybrid_alphas` before any compute; return the alphas to use.
 
     With a generator, alphas default to `DEFAULT_ALPHAS` and need one value in [0, 1] per supervised block.
-    Without one every alpha is 1 (plain DeepMIM), so alphas other than 1 are an error.
+    Without one every alpha is 1 (plain DeepMIM), so alphas other than 1 are an error. The generator file must
+    exist unless `check_files` is False (--print_config).
     """
-    if hybrid_generator and not Path(hybrid_generator).is_file():
+    if hybrid_generator and check_files and not Path(hybrid_generator).is_file():
         raise ValueError(f"--hybrid_generator {hybrid_generator} does not exist or is not a file")
     if not hybrid_generator:
         if hybrid_alphas is not None and any(a != 1 for a in hybrid_alphas):

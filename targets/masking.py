@@ -251,12 +251,14 @@ def resolve_mask_teacher(
     target: str = "pixel",
     teacher_path: str | os.PathLike | None = None,
     teacher_model: str | None = None,
+    check_files: bool = True,
 ) -> MaskTeacher | None:
     """Validate the masking flags before any compute; the semantic-aware teacher to build, or None (random).
 
     A teacher flag without --mask_strategy semantic_aware is an error. semantic_aware needs a teacher kind
     (--mask_teacher, default the clip/dino --target) and a file (--mask_teacher_path, default --teacher_path when
-    the kinds agree). Raises ValueError naming the flag and the allowed values.
+    the kinds agree; whether it exists is not checked with `check_files` False: --print_config). Raises ValueError
+    naming the flag and the allowed values.
     """
     if mask_strategy not in MASK_STRATEGIES:
         raise ValueError(f"--mask_strategy {mask_strategy!r} is unknown; choose one of {', '.join(MASK_STRATEGIES)}")
@@ -276,7 +278,7 @@ def resolve_mask_teacher(
     if not path:
         raise ValueError(f"--mask_strategy semantic_aware needs --mask_teacher_path (a local {kind.upper()} weight "
                          "file)")
-    if not Path(path).is_file():
+    if check_files and not Path(path).is_file():
         raise ValueError(f"--mask_teacher_path {path} does not exist or is not a file")
     check_teacher_model("--mask_teacher_model", mask_teacher_model)
     model = mask_teacher_model or (teacher_model if same_kind else None)
@@ -285,10 +287,11 @@ def resolve_mask_teacher(
     return MaskTeacher(kind, str(path), model, shared)
 
 
-def mask_teacher_from_args(args: argparse.Namespace) -> MaskTeacher | None:
+def mask_teacher_from_args(args: argparse.Namespace, check_files: bool = True) -> MaskTeacher | None:
     """`resolve_mask_teacher` for pre-training's flags (--mask_* and --target / --teacher_path / --teacher_model)."""
     return resolve_mask_teacher(args.mask_strategy, args.mask_teacher, args.mask_teacher_path, args.mask_teacher_model,
-                                target=args.target, teacher_path=args.teacher_path, teacher_model=args.teacher_model)
+                                target=args.target, teacher_path=args.teacher_path, teacher_model=args.teacher_model,
+                                check_files=check_files)
 
 
 def build_mask_strategy(

@@ -395,3 +395,30 @@ def test_the_same_global_batch_split_otherwise_is_not_a_change():
     assert resume.changed_settings(saved, moved) == {}
     other = argparse.Namespace(global_batch_size=2048, batch_size=64, accum_iter=4, blr=1.5e-4)
     assert set(resume.changed_settings(saved, other)) == {"global_batch_size", "batch_size", "accum_iter"}
+
+
+def test_files_that_are_no_checkpoint_are_named_so_and_weights_only_false_is_never_suggested(tmp_path):
+    random_bytes, empty, truncated, pickled = (tmp_path / n for n in ("random.pth", "empty.pth", "cut.pth", "ns.pth"))
+    random_bytes.write_bytes(bytes(range(7, 256)) * 20)
+    empty.write_bytes(b"")
+    ckpt.save_atomic({"model": {"w": torch.zeros(64)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    torch.save({"args": argparse.Namespace(lr=1.0)}, pickled)
+    expected = {random_bytes: "is not a PyTorch checkpoint", empty: "it is empty", truncated: "truncated or corrupt",
+                pickled: "holds pickled Python objects .* \\(here argparse.Namespace\\)"}
+    for path, message in expected.items():
+        with pytest.raises(ValueError, match=f"{path}.*{message}") as err:
+            ckpt.load_checkpoint(path)
+        assert "weights_only=False" not in str(err.value) and "set to `False`" not in str(err.value)
+
+
+def test_safetensors_files_load_as_checkpoints_with_their_model_cfg(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "enc.safetensors"
+    save_file({"pos_embed": torch.ones(1, 5, 4)}, str(path), metadata={"model_cfg": '{"name": "deepmim_x"}'})
+    state = ckpt.load_checkpoint(path)
+    assert state["model_cfg"] == {"name": "deepmim_x"} and torch.equal(state["model"]["pos_embed"], torch.ones(1, 5, 4))
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match="bad.safetensors is not a readable safetensors file"):
+        ckpt.load_checkpoint(tmp_path / "bad.safetensors")

@@ -151,3 +151,52 @@ def test_entry_script_prints_its_config_without_data_and_launcher_checks_the_glo
                                       "--nodes", "4", "--ngpus", "8", "--cluster", "local"])
     assert stop.value.code == 2
     assert "--global_batch_size 4096 is not a multiple of --batch_size 100" in capsys.readouterr().err
+
+
+def printed(capsys, parse, argv) -> dict:
+    with pytest.raises(SystemExit) as stop:
+        parse(argv)
+    out = capsys.readouterr()
+    assert stop.value.code == 0, out.err
+    return yaml.safe_load(out.out)
+
+
+def test_print_config_resolves_batch_and_lr_for_the_processes_and_reads_no_file(capsys, monkeypatch):
+    """accum_iter and lr are resolved for --nproc (else $WORLD_SIZE, else 1); a batch that does not divide fails as
+    the run would; no data folder, checkpoint, teacher or generator file is needed."""
+    import main_finetune
+    import main_linprobe
+    from util import cls_run
+    from util.cli import script_parser
+
+    pretrain = CONFIGS / "pretrain" / "deepmim_vit_base_300e.yaml"
+    values = printed(capsys, main_pretrain.parse_args,
+                     ["--config", str(pretrain), "--print_config", "--batch_size", "128", "--nproc", "8"])
+    assert (values["accum_iter"], values["lr"]) == (4, pytest.approx(1.5e-4 * 4096 / 256))
+    monkeypatch.setenv("WORLD_SIZE", "32")
+    assert printed(capsys, main_pretrain.parse_args,
+                   ["--config", str(pretrain), "--print_config", "--batch_size", "128"])["accum_iter"] == 1
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(SystemExit) as stop:
+        main_pretrain.parse_args(["--config", str(pretrain), "--print_config", "--batch_size", "100"])
+    assert stop.value.code == 2 and "--global_batch_size 4096 is not a multiple of --batch_size 100" in \
+        capsys.readouterr().err
+    for name, extra in (("deepmim_dagger_vit_base_300e.yaml", ["--hybrid_generator", "/nowhere/mae.pth"]),
+                        ("ablations/deepmim_vit_base_300e_semantic_aware.yaml",
+                         ["--mask_teacher_path", "/nowhere/ViT-B-16.pt"])):
+        values = printed(capsys, main_pretrain.parse_args,
+                         ["--config", str(CONFIGS / "pretrain" / name), "--print_config", "--batch_size", "64", *extra])
+        assert values["accum_iter"] == 64
+
+    def classification(module, *argv):
+        parser = script_parser(None, [module.get_args_parser()])
+        return printed(capsys, lambda a: cls_run.parse_and_resolve(parser, module.resolve_args, a), list(argv))
+
+    values = classification(main_finetune, "--config", str(CONFIGS / "finetune" / "vit_base_after_300e.yaml"),
+                            "--print_config", "--batch_size", "32", "--nproc", "8", "--data_path", "/nowhere",
+                            "--finetune", "/nowhere/checkpoint.pth")
+    assert values["accum_iter"] == 4 and values["lr"] == pytest.approx(values["blr"] * 1024 / 256)
+    assert values["model"] is None  # the --finetune checkpoint's, read when the run starts
+    values = classification(main_linprobe, "--config", str(CONFIGS / "linprobe" / "vit_base_90e.yaml"),
+                            "--print_config", "--batch_size", "2048", "--nproc", "8")
+    assert values["accum_iter"] == 1 and values["lr"] == pytest.approx(6.4)

@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 
 from util import fast_data as fd
-from util.cls_data import build_image_folder, finetune_transform
+from util.cls_data import build_image_folder, check_classification_folders, finetune_transform
 from util.datasets import (
+    DEMO_PHOTOS,
     IMAGENET_MEAN,
     DemoPhotos,
     EpochIndex,
@@ -32,11 +33,13 @@ from util.datasets import (
     RobustSeededDataset,
     UnreadableImageError,
     build_pretrain_dataset,
+    check_image_folder,
     default_num_workers,
     denormalize,
     device_constant,
     ignore_stop_signals,
     normalize_on_device,
+    sample_images,
 )
 
 BUILDERS = {
@@ -425,3 +428,37 @@ def test_sample_images_are_rgb_whatever_the_source():
     assert not (colour[..., 0] == colour[..., 2]).all()
     gray_coffee = np.asarray(sample_images(("coffee",), gray=True)[0])
     assert gray_coffee.shape == colour.shape and (gray_coffee[..., 0] == gray_coffee[..., 2]).all()
+
+
+def test_image_folder_layout_is_checked_before_torchvision_would_fail(tmp_path):
+    """ImageFolder needs root/<class>/<image>: a flat folder of images, and a class folder without images, are
+    refused naming the layout (torchvision would stop later, after the output folder exists)."""
+    flat = tmp_path / "flat"
+    write_image_folder(tmp_path / "tmp", num_images=2, classes=1)
+    flat.mkdir()
+    for image in (tmp_path / "tmp" / "class0").iterdir():
+        image.rename(flat / image.name)
+    with pytest.raises(ValueError, match=r"holds 2 images but no class sub-folders; expected .*root/<class>/<image>"):
+        check_image_folder(flat)
+    (flat / "empty_class").mkdir()
+    with pytest.raises(ValueError, match=r"class folder\(s\) without images .*: empty_class"):
+        check_image_folder(flat)
+    good = write_image_folder(tmp_path / "good" / "train", num_images=4, classes=2).parent
+    assert check_image_folder(good, prefer="train") == ["class0", "class1"]  # pre-training reads data_path/train
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        check_image_folder(tmp_path / "good" / "train" / "class0", prefer="train")
+
+
+def test_train_and_val_with_different_classes_are_refused_before_the_run(tmp_path):
+    write_image_folder(tmp_path / "data" / "train", num_images=6, classes=3)
+    write_image_folder(tmp_path / "data" / "val", num_images=4, classes=2)
+    with pytest.raises(ValueError, match=r"train/ and val/ have different class folders \(only in train/: class2\)"):
+        check_classification_folders(tmp_path / "data")
+
+
+def test_demo_photos_are_eight_different_photographs():
+    photos = [np.asarray(p.resize((64, 64))).astype(np.float32) for p in sample_images(DEMO_PHOTOS)]
+    assert len(set(DEMO_PHOTOS)) == len(photos) == 8
+    for i in range(len(photos)):
+        for j in range(i):
+            assert np.abs(photos[i] - photos[j]).mean() > 10, (DEMO_PHOTOS[i], DEMO_PHOTOS[j])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from util import cls_run
 from util.amp import resolve_machine
 from util.checkpoint import load_checkpoint, save_atomic
 from util.cls_data import DigitsDemo, finetune_transform, posterize_zero_bits_black, real_samples_on_rank
+from util.misc import setup_logging
 from util.training import train_epoch
 
 
@@ -143,14 +145,44 @@ def test_demo_without_the_pretraining_checkpoint_says_what_to_run(tmp_path, monk
         main_finetune.resolve_args(parse("--demo"))
 
 
-def test_bad_flags_exit_non_zero_from_the_command_line(setup, tmp_path):
+@pytest.mark.parametrize("script", ["main_finetune", "main_linprobe"])
+def test_demo_writes_tensorboard_events_into_the_given_output_dir(tmp_path, monkeypatch, script):
+    monkeypatch.chdir(tmp_path)
+    pretrain_checkpoint(tmp_path / cls_run.DEMO_PRETRAIN_CHECKPOINT)
+    module = __import__(script)
+    parser = module.get_args_parser()
+    args = parser.parse_args(["--demo", "--output_dir", "elsewhere"])
+    module.resolve_args(args)
+    assert args.output_dir == args.log_dir == "elsewhere"
+    args = parser.parse_args(["--demo"])
+    module.resolve_args(args)
+    assert args.output_dir == args.log_dir == f"./output_demo/{script.split('_')[1]}"
+
+
+def test_user_errors_exit_with_one_line_and_argparse_errors_keep_their_format(setup, tmp_path, monkeypatch, capsys):
+    """A user error found while parsing (--layer_decay) or once the run has started (a batch larger than the data,
+    run in-process through the script's __main__) is one line on stderr and status 2, without usage block or
+    traceback; argparse's own errors keep argparse's format."""
     data, ckpt = setup
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for extra, message in ((["--layer_decay", "2"], "--layer_decay"),
-                           (["--trainable_blocks", "1", "--reinit_blocks", "1"], "not allowed with argument")):
+    for extra, message, own in ((["--layer_decay", "2"], "--layer_decay must be in (0, 1]", True),
+                                (["--trainable_blocks", "1", "--reinit_blocks", "1"], "not allowed with argument",
+                                 False)):
         result = subprocess.run([sys.executable, "main_finetune.py", *tiny_argv(data, tmp_path, ckpt), *extra],
                                 cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
-        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        if own:
+            assert last.startswith("main_finetune.py: error: ") and message in last and "usage:" not in result.stderr
+        else:
+            assert "usage: main_finetune.py" in result.stderr
+    setup_logging()  # to this test's stdout: an earlier test's handler may hold a closed stream
+    monkeypatch.setattr(sys, "argv", ["main_finetune.py", *tiny_argv(data, tmp_path, ckpt), "--batch_size", "64"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(ROOT / "main_finetune.py"), run_name="__main__")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == ("main_finetune.py: error: --batch_size 64 x 1 ranks exceeds the 12 training "
+                                       "images (the last incomplete batch is dropped)\n")
 
 
 def test_trainable_blocks_step_leaves_frozen_weights_bit_identical(setup, tmp_path):
@@ -309,3 +341,65 @@ def test_nb_classes_comes_from_the_training_folders(setup, tmp_path, caplog):
     assert "training set has 3 class folders" in caplog.text
     with pytest.raises(ValueError, match="--nb_classes 2 is smaller than the 3 classes"):
         classes_after("--nb_classes", "2")
+
+
+@pytest.mark.parametrize("form", ["safetensors", "hub_dir"])
+def test_finetune_from_an_export_takes_architecture_and_input_size_from_it(setup, tmp_path, form):
+    """A .safetensors export (model_cfg in its metadata) or a Hub folder fine-tunes with no architecture flag: the
+    pre-training sizes and input size (32 px here, not 224) come from the file, and every encoder weight loads."""
+    from tools import export_encoder
+
+    data, ckpt = setup
+    export = tmp_path / ("enc.safetensors" if form == "safetensors" else "hub")
+    export_encoder.export(str(ckpt), str(export) if form == "safetensors" else None,
+                          str(export) if form == "hub_dir" else None)
+    args = parse(*tiny_argv(data, tmp_path / "out", export))
+    checkpoint = main_finetune.resolve_args(args)
+    assert (args.input_size, args.patch_size, args.embed_dim, args.depth, args.num_heads) == (32, 8, 64, 4, 4)
+    model = main_finetune.build_model(args, checkpoint)
+    source = load_checkpoint(ckpt)["model"]
+    for key, value in model.state_dict().items():
+        if key.startswith(("blocks.", "patch_embed.", "cls_token")):
+            assert torch.equal(value, source[key]), key
+
+
+def test_model_flags_that_contradict_the_checkpoint_are_refused_and_random_init_is_said(setup, tmp_path, caplog):
+    data, ckpt = setup
+    with pytest.raises(ValueError, match=r"--model vit_base_patch16 does not describe the --finetune checkpoint's "
+                                         r"encoder \(vit_small_patch16: patch_size 8, embed_dim 64.*leave these flags"):
+        main_finetune.resolve_args(parse(*tiny_argv(data, tmp_path / "out", ckpt), "--model", "vit_base_patch16"))
+    with pytest.raises(ValueError, match="differs in depth"):
+        main_finetune.resolve_args(parse(*tiny_argv(data, tmp_path / "out", ckpt), "--depth", "2"))
+    args = parse(*tiny_argv(data, tmp_path / "out", ckpt), "--model", "vit_small_patch16", "--embed_dim", "64")
+    main_finetune.resolve_args(args)  # the checkpoint's own name and size: accepted
+    assert (args.model, args.patch_size, args.depth) == ("vit_small_patch16", 8, 4)
+    scratch = parse(*tiny_argv(data, tmp_path / "out", ckpt), "--model", "vit_demo_patch4", "--input_size", "32")
+    scratch.finetune = ""
+    main_finetune.build_model(scratch, main_finetune.resolve_args(scratch))
+    assert "no --finetune: the encoder starts from random initialisation" in caplog.text
+
+
+def test_eval_freq_evaluates_every_nth_and_the_last_epoch(setup, tmp_path):
+    data, ckpt = setup
+    out = tmp_path / "run"
+    main_finetune.main(parse(*tiny_argv(data, out, ckpt), "--epochs", "3", "--eval_freq", "2", "--print_freq", "10"))
+    lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1, 2]
+    assert ["test_acc1" in line for line in lines] == [False, True, True]
+
+
+def test_evaluation_progress_lines_show_the_weighted_running_value(caplog):
+    """Batches of 4 (1 right) and 1 (right): the Test: line shows 40 % (2 of 5) as the final Acc@1, not the mean of
+    the batches' accuracies (62.5 %)."""
+    images = torch.zeros(5, 2)
+    labels = torch.tensor([1, 0, 0, 0, 1])
+    loader = DataLoader(TensorDataset(images, labels), batch_size=4)
+    model = torch.nn.Linear(2, 3)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([0.0, 1.0, -1.0]))  # always predicts class 1
+    with caplog.at_level("INFO"):
+        stats = engine_finetune.evaluate(loader, model, torch.device("cpu"))
+    assert stats["acc1"] == pytest.approx(40.0)
+    last = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Test: [")][-1]
+    assert "acc1: 40.000" in last

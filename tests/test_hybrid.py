@@ -250,7 +250,7 @@ def test_generator_grid_is_checked_from_the_file_without_building_a_model(tmp_pa
 def test_generator_grid_check_names_bad_files(tmp_path):
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=f"--hybrid_generator {broken}: cannot load"):
+    with pytest.raises(ValueError, match=f"--hybrid_generator {broken}: {broken} is not a PyTorch checkpoint"):
         hybrid.check_generator_file(broken, patch_size=8, input_size=32)
     encoder_only = tmp_path / "mae_pretrain_vit_base.pth"
     save_atomic({"model": {"pos_embed": torch.zeros(1, 17, 8)}}, encoder_only)

@@ -107,3 +107,48 @@ def test_bad_flags_raise_naming_the_flag(tmp_path, extra, message):
     ckpt = pretrain_checkpoint(tmp_path / "p.pth")
     with pytest.raises(ValueError, match=message):
         main_linprobe.resolve_args(parse("--data_path", str(data), "--finetune", str(ckpt), *extra))
+
+
+def test_the_demo_probe_settings_train_without_a_loss_spike():
+    """The demo's LARS settings (DEMO_OVERRIDES: blr, batch, warm-up, epochs; MAE's momentum 0.9 and trust 0.001) on a
+    stand-in for the demo encoder's features: the demo's training digits through a fixed random projection to its
+    width 128, then the probe's BatchNorm + linear head. The loss never rises above its start. At blr 100 (about half
+    the weights' norm per step once momentum builds up) it rose to ~70 here, and in the real demo to ~60 with top-1 at
+    chance for three epochs."""
+    from util.cls_data import DigitsDemo
+    from util.lr_sched import adjust_learning_rate
+
+    demo = main_linprobe.DEMO_OVERRIDES
+    digits = DigitsDemo("train", 8)
+    generator = torch.Generator().manual_seed(0)
+    features = torch.tensor(digits.images.reshape(len(digits), 64), dtype=torch.float32) @ torch.randn(
+        64, 128, generator=generator) / 8
+    labels = torch.as_tensor(digits.targets)
+
+    class Encoder(torch.nn.Module):  # what attach_probe_head needs: a linear `head`
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(128, 10)
+
+    model = Encoder()
+    torch.manual_seed(0)
+    main_linprobe.attach_probe_head(model)
+    lr = demo["blr"] * demo["batch_size"] / 256
+    optimizer = main_linprobe.build_optimizer(model, argparse.Namespace(lr=lr, weight_decay=0.0))
+    steps = len(labels) // demo["batch_size"]
+    losses, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)  # 128 x 128 steps: threads would only wait for each other on a busy machine
+    try:
+        for epoch in range(demo["epochs"]):
+            order = torch.randperm(len(labels), generator=generator)
+            for step in range(steps):
+                adjust_learning_rate(optimizer, epoch + step / steps, lr, 0.0, demo["warmup_epochs"], demo["epochs"])
+                batch = order[step * demo["batch_size"]:(step + 1) * demo["batch_size"]]
+                loss = torch.nn.functional.cross_entropy(model.head(features[batch]), labels[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+    finally:
+        torch.set_num_threads(threads)
+    assert max(losses) < 1.2 * losses[0] and losses[-1] < 0.5 * losses[0], [round(v, 2) for v in losses[::10]]

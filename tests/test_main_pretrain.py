@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from conftest import ROOT, TINY_FLAGS, write_image_folder, write_vqkd_file
 
 import main_pretrain
 from util.checkpoint import load_checkpoint
-from util.misc import seed_everything
+from util.misc import seed_everything, setup_logging
 
 
 def tiny_args(data: Path, out: Path, *extra: str):
@@ -116,20 +117,37 @@ def test_bad_arguments_exit_naming_the_flag(image_folder, tmp_path, capsys, extr
     assert not (tmp_path / "run").exists()  # nothing built, nothing written
 
 
-def test_missing_and_empty_data_path(tmp_path, capsys):
+def test_missing_empty_and_flat_data_path(tmp_path, capsys):
     for path in [tmp_path / "missing", tmp_path]:
         with pytest.raises(SystemExit):
             main_pretrain.parse_args(["--data_path", str(path), *TINY_FLAGS])
         assert "--data_path" in capsys.readouterr().err
+    flat = write_image_folder(tmp_path / "flat", num_images=2, classes=1) / "class0"  # images, no class folder
+    with pytest.raises(SystemExit):
+        main_pretrain.parse_args(["--data_path", str(flat), "--output_dir", str(tmp_path / "out"), *TINY_FLAGS])
+    assert "root/<class>/<image>" in capsys.readouterr().err and not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):
         main_pretrain.parse_args([])
     assert "--data_path is required" in capsys.readouterr().err
 
 
-def test_command_line_error_exits_nonzero(tmp_path):
-    proc = subprocess.run([sys.executable, "main_pretrain.py", "--data_path", str(tmp_path), "--mask_ratio", "1.5"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--mask_ratio" in proc.stderr
+def test_command_line_errors_are_one_line_and_status_2(tmp_path, monkeypatch, capsys):
+    """While parsing (--mask_ratio, from the command line) and once the run has started (a batch larger than the
+    data, in-process through the script's __main__): `prog: error:` and the message, no usage block, no traceback."""
+    data = write_image_folder(tmp_path / "images", num_images=6)
+    argv = ["--data_path", str(data), *TINY_FLAGS, "--model", "deepmim_vit_small_patch16", "--num_workers", "0",
+            "--output_dir", str(tmp_path / "out"), "--device", "cpu"]
+    proc = subprocess.run([sys.executable, "main_pretrain.py", *argv, "--mask_ratio", "1.5"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "usage:" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "main_pretrain.py: error: --mask_ratio must be in (0, 1), got 1.5"
+    setup_logging()  # to this test's stdout: an earlier test's handler may hold a closed stream
+    monkeypatch.setattr(sys, "argv", ["main_pretrain.py", *argv, "--batch_size", "8"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(ROOT / "main_pretrain.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("main_pretrain.py: error: --batch_size 8 x 1 processes exceeds the 6 training images")
 
 
 DDP_DRIVER = """
@@ -264,3 +282,12 @@ def test_pixel_run_without_norm_pix_and_without_a_config_is_warned(image_folder,
         tiny_args(image_folder, tmp_path / "run", "--norm_pix_loss")
         tiny_args(image_folder, tmp_path / "run", "--target", "hog")
     assert "without --norm_pix_loss" not in caplog.text
+
+
+def test_resuming_a_fine_tuning_checkpoint_says_what_it_is(image_folder, tmp_path):
+    """Not a list of 'changed' flags and a --resume_allow_changes that cannot work: the file's kind."""
+    finetuned = Path(__file__).resolve().parent / "data" / "finetune-706c354-epoch0.pth"
+    with pytest.raises(ValueError, match=r"is a fine-tuning or linear-probing checkpoint \(model_cfg name "
+                                         r"'vit_small_patch16'.*main_finetune.py") as err:
+        main_pretrain.main(tiny_args(image_folder, tmp_path / "run", "--resume", str(finetuned), "--device", "cpu"))
+    assert "--resume_allow_changes" not in str(err.value)

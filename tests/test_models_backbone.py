@@ -14,7 +14,7 @@ import models_backbone as mb
 import models_deepmim
 import models_vit
 from tools import export_encoder
-from util.checkpoint import read_checkpoint, save_atomic
+from util.checkpoint import load_checkpoint, save_atomic
 
 ENCODER = dict(patch_size=8, embed_dim=64, depth=4, num_heads=4)  # conftest.TINY's encoder
 
@@ -95,12 +95,12 @@ def test_every_layout_leaves_exactly_the_new_parts(layout, tiny_deepmim, tmp_pat
     path = tmp_path / "pretrain.pth"
     save_atomic({"model": tiny_deepmim.state_dict(), "model_cfg": tiny_deepmim.config, "epoch": 0}, path)
     if layout == "project":
-        checkpoint = read_checkpoint(path)
+        checkpoint = load_checkpoint(path)
     elif layout == "mae":
         checkpoint = {"model": mae_encoder_state(tiny_deepmim)}
     elif layout == "export":
         export_encoder.export(str(path), str(tmp_path / "enc.safetensors"))
-        checkpoint = read_checkpoint(tmp_path / "enc.safetensors")
+        checkpoint = load_checkpoint(tmp_path / "enc.safetensors")
     else:
         state = mae_encoder_state(tiny_deepmim)
         state.update({"decoder_embed1.weight": torch.zeros(32, 64), "mask_token1": torch.zeros(1, 1, 32),

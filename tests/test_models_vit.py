@@ -184,3 +184,33 @@ def test_finetune_and_linprobe_log_the_load_report_once(tiny_deepmim, tmp_path, 
     with caplog.at_level(logging.DEBUG):
         models_vit.build_probe(config, load_checkpoint(path))
     assert len(report_lines(caplog)) == 1, report_lines(caplog)
+
+
+def test_the_demo_model_is_named_for_what_it_is_and_old_demo_checkpoints_still_fit():
+    import argparse
+
+    import main_pretrain
+
+    model = models_deepmim.create_model("deepmim_vit_demo_patch4", img_size=32)
+    assert (model.patch_size, model.pos_embed.shape[-1], model.depth, model.blocks[0].attn.num_heads) == (4, 128, 6, 4)
+    assert main_pretrain.DEMO_SETTINGS["model"] == "deepmim_vit_demo_patch4"
+    assert not {"patch_size", "embed_dim", "depth", "num_heads"} & set(main_pretrain.DEMO_SETTINGS)  # the name says
+    old_demo = {"name": "deepmim_vit_small_patch16", "img_size": 32, "patch_size": 4, "embed_dim": 128, "depth": 6,
+                "num_heads": 4}  # what `--demo` wrote before the rename
+    args = argparse.Namespace(model="vit_demo_patch4", input_size=None, resume="", patch_size=None, embed_dim=None,
+                              depth=None, num_heads=None)
+    models_vit.resolve_architecture(args, {"model_cfg": old_demo})
+    assert (args.model, args.input_size, args.patch_size, args.embed_dim, args.depth) == ("vit_demo_patch4", 32, 4,
+                                                                                          128, 6)
+
+
+def test_a_hub_config_becomes_a_classifier_config():
+    demo = {"architecture": "vit_small_patch16_224", "model_args": {"img_size": [32, 32], "patch_size": 4,
+            "embed_dim": 128, "depth": 6, "num_heads": 4, "num_classes": 10, "global_pool": "avg"}}
+    assert models_vit.hub_classifier_config(demo) == {"name": "vit_demo_patch4", "img_size": 32, "patch_size": 4,
+                                                      "embed_dim": 128, "depth": 6, "num_heads": 4, "num_classes": 10,
+                                                      "global_pool": True}
+    base = {"architecture": "vit_base_patch16_224", "pretrained_cfg": {"input_size": [3, 224, 224]}}
+    assert models_vit.hub_classifier_config(base)["name"] == "vit_base_patch16"
+    with pytest.raises(ValueError, match="architecture 'resnet50' is not a ViT"):
+        models_vit.hub_classifier_config({"architecture": "resnet50"})

@@ -238,7 +238,19 @@ def test_usage_errors_exit_with_the_message(files, tmp_path, monkeypatch, capsys
     with pytest.raises(SystemExit) as exit_info:
         cli.run_cli(TOOLS["cka"].get_args_parser(), TOOLS["cka"].main)
     assert exit_info.value.code == 2
-    assert "nowhere.pth" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("cka.py: error: --ckpt") and "nowhere.pth" in err and "usage:" not in err
+
+
+def test_loader_workers_default_to_what_the_machine_has(files, monkeypatch):
+    monkeypatch.setattr(cli, "default_num_workers", lambda: 3)
+    args = TOOLS["cka"].get_args_parser().parse_args(["--ckpt", str(files["deepmim"]), "--demo_images"])
+    cli.check_common_args(args)
+    assert args.num_workers == 3
+    args = TOOLS["cka"].get_args_parser().parse_args(["--ckpt", str(files["deepmim"]), "--demo_images",
+                                                      "--num_workers", "0"])
+    cli.check_common_args(args)
+    assert args.num_workers == 0
 
 
 # -- analysis/loading.py, cli.py, images.py -------------------------------------------------------------------------

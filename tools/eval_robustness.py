@@ -39,6 +39,7 @@ import models_vit  # noqa: E402
 from analysis import cli, robustness  # noqa: E402
 from analysis.visualize import new_figure, save_figure  # noqa: E402
 from util import amp, distributed  # noqa: E402
+from util.datasets import default_num_workers  # noqa: E402
 from util.misc import setup_logging  # noqa: E402
 
 DATASET_TITLES = {"imagenet_a": "IN-A top-1", "imagenet_r": "IN-R top-1", "imagenet_c": "IN-C mCE"}
@@ -63,7 +64,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--input_size", default=None, type=int, help="image size (default: each checkpoint's)")
     run.add_argument("--batch_size", default=128, type=int, help="images per forward pass (per rank)")
-    run.add_argument("--num_workers", default=8, type=int, help="data loading processes (per rank)")
+    run.add_argument("--num_workers", default=None, type=int,
+                     help="data loading processes per rank (default: the CPUs of this rank - 2, as the training "
+                          "scripts)")
     run.add_argument("--device", default=None,
                      help="cpu, cuda or cuda:N (default: cuda when available, else cpu, as the training scripts)")
     run.add_argument("--amp", default=None, choices=amp.AMP_CHOICES,
@@ -74,8 +77,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Validate the flags before anything is read; fills args.names, args.device and args.amp. Raises UsageError."""
+    """Validate the flags before anything is read; fills args.names, args.device, args.amp and args.num_workers.
+    Raises UsageError."""
     cli.check_checkpoint_args(args, tuple(models_vit.VIT_SIZES))
+    if args.num_workers is None:
+        args.num_workers = default_num_workers()
     for flag, value, low in (("--batch_size", args.batch_size, 1), ("--num_workers", args.num_workers, 0),
                              ("--input_size", args.input_size, 1)):
         if value is not None and value < low:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import subprocess
@@ -95,37 +96,56 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with `weights_only=True`: tensors and plain containers only; pickled code is refused.
 
-    Raises FileNotFoundError for a missing file and ValueError (naming the file) for one that is corrupt or would
-    need arbitrary unpickling.
+    A `.safetensors` file (tools/export_encoder.py) loads as {"model": its tensors} plus the "model_cfg" its
+    metadata holds (JSON). Raises FileNotFoundError for a missing file and ValueError naming the file for one that
+    is not a checkpoint, is damaged, or would need arbitrary unpickling (`unloadable_message`).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_safetensors(path, map_location)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for unsafe or broken files
-        raise ValueError(
-            f"cannot load {path} safely (weights_only=True): it is corrupt, truncated, or contains pickled objects "
-            f"other than tensors and plain containers, which are refused because unpickling them can run code. "
-            f"Cause: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        ) from err
+        raise ValueError(unloadable_message(path, err)) from err
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint as a dict with "model" (and "model_cfg", "epoch" when stored): a torch file
-    (`util.checkpoint.load_checkpoint`, weights_only) or a `.safetensors` export of `tools/export_encoder.py`,
-    whose metadata holds the source's "model_cfg" as JSON. Raises ValueError naming the file when it is unreadable."""
-    if not str(path).endswith(".safetensors"):
-        return load_checkpoint(path)
+def unloadable_message(path: Path, err: Exception) -> str:
+    """Why `path` did not load, in the project's words: not a checkpoint at all, a damaged one, or one holding
+    pickled objects. torch's own text is not quoted: it suggests `weights_only=False`, which would run whatever
+    code the file carries."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive; older files are a pickle
+        return (f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive or a pickle; this file is "
+                f"neither{', it is empty' if not head else ''}): check the path, or copy the file again")
+    found = re.search(r"GLOBAL ([\w.]+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
+    if found:
+        return (f"{path} holds pickled Python objects besides tensors and plain containers (here {found.group(1)});"
+                " checkpoints are loaded with weights_only=True because unpickling other objects can run code. "
+                "Re-save its weights as plain tensors (e.g. torch.save({'model': state_dict}) where you trust the "
+                "file), or export them to .safetensors")
+    return (f"{path} is not a loadable checkpoint ({type(err).__name__}: truncated or corrupt, e.g. an interrupted "
+            "copy or a full disk): copy it again, or use an earlier checkpoint of the run")
+
+
+def load_safetensors(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A `.safetensors` file as a checkpoint: {"model": tensors} plus "model_cfg" when its metadata holds one
+    (as JSON: tools/export_encoder.py writes the source checkpoint's). Raises ValueError naming a damaged file."""
+
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="pt", device=str(map_location)) as handle:
             metadata = handle.metadata() or {}
             state = {key: handle.get_tensor(key) for key in handle.keys()}
     except (OSError, SafetensorError) as err:
-        raise ValueError(f"cannot read {path} as safetensors: {err}") from err
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
     checkpoint: dict[str, Any] = {"model": state}
     if "model_cfg" in metadata:
-        checkpoint["model_cfg"] = json.loads(metadata["model_cfg"])
+        try:
+            checkpoint["model_cfg"] = json.loads(metadata["model_cfg"])
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: its metadata 'model_cfg' is not JSON: {err}") from err
     return checkpoint
 
 

@@ -120,14 +120,23 @@ def linprobe_transform(is_train: bool, input_size: int, scale: tuple[float, floa
 
 
 def check_classification_folders(data_path: str | os.PathLike | None) -> None:
-    """Raise ValueError naming --data_path unless it holds ImageFolder roots `train/` and `val/` with images."""
+    """Raise ValueError naming --data_path unless it holds ImageFolder roots `train/` and `val/` with images, in the
+    same class folders (the labels are the folders' sorted order)."""
     if not data_path:
         raise ValueError("--data_path is required (a folder with train/ and val/ ImageFolder roots) unless --demo")
+    classes = {}
     for split in SPLITS:
         folder = Path(data_path) / split
         if not folder.is_dir():
             raise ValueError(f"--data_path {data_path} has no '{split}' folder (expected {'/, '.join(SPLITS)}/)")
-        check_image_folder(folder)
+        classes[split] = check_image_folder(folder)
+    if classes["train"] != classes["val"]:
+        only = {split: sorted(set(classes[split]) - set(classes[other]))
+                for split, other in (("train", "val"), ("val", "train"))}
+        shown = "; ".join(f"only in {split}/: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                          for split, names in only.items() if names)
+        raise ValueError(f"--data_path {data_path}: train/ and val/ have different class folders ({shown}); "
+                         "label i is the i-th folder name, so both need the same ones")
 
 
 def build_image_folder(data_path: str | os.PathLike, split: Split, transform: Transform) -> datasets.ImageFolder:
@@ -191,10 +200,8 @@ def build_datasets(
         train = DigitsDemo("train", args.input_size, train_transform)
         val = DigitsDemo("val", args.input_size, val_transform)
     else:
-        train = build_image_folder(args.data_path, "train", train_transform)
+        train = build_image_folder(args.data_path, "train", train_transform)  # same classes: checked before
         val = build_image_folder(args.data_path, "val", val_transform)
-        if train.classes != val.classes:
-            raise ValueError(f"--data_path {args.data_path}: train/ and val/ have different class folders")
     check_num_classes(args, len(train.classes))
     if not args.eval and len(train) < args.batch_size * distributed.get_world_size():
         raise ValueError(f"--batch_size {args.batch_size} x {distributed.get_world_size()} ranks exceeds the "

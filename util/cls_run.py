@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from util import checkpoint as ckpt
 from util import distributed, resume
 from util.amp import AMP_CHOICES, configure_backends, describe_machine, resolve_machine
+from util.cli import user_errors
 from util.cls_data import check_classification_folders
 from util.config import (
     add_config_args,
@@ -31,8 +33,10 @@ from util.config import (
     config_yaml,
     maybe_print_config,
     parse_with_config,
+    resolve_lr,
 )
 from util.misc import seed_everything, setup_logging
+from util.run_folder import add_overwrite_arg, check_output_dir, prepare_output_dir
 from util.training import add_compile_args
 
 logger = logging.getLogger(__name__)
@@ -61,6 +65,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                    help="train on the evaluation transform (resize + centre crop): no augmentation; set by --demo")
     g.add_argument("--output_dir", default="./output_dir", help="checkpoints and log.txt")
     g.add_argument("--log_dir", default=None, help="TensorBoard logs (rank 0; default: --output_dir)")
+    add_overwrite_arg(g)
     g.add_argument("--save_freq", default=20, type=int, help="keep checkpoint-<epoch>.pth every N epochs")
     g.add_argument("--save_every_iters", default=0, type=int,
                    help="also refresh checkpoint-last.pth every N optimizer updates (0: only at epoch ends)")
@@ -88,6 +93,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         "other result-changing difference stops the run")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="set from --resume")
     g.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint (top-1/top-5)")
+    g.add_argument("--eval_freq", default=1, type=int, metavar="N",
+                   help="evaluate on val/ after every N-th epoch and after the last (checkpoint-best.pth is the best "
+                        "evaluated epoch)")
     g.add_argument("--dist_eval", action="store_true", help="shard evaluation over ranks (exact, padding skipped)")
     g.add_argument("--dist_url", default="env://", help="process-group URL (MAE)")
     distributed.add_legacy_launcher_args(g)
@@ -98,8 +106,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_demo_overrides(args: argparse.Namespace, parser: argparse.ArgumentParser,
-                         overrides: Mapping[str, Any]) -> None:
-    """--demo: set demo values on every flag the user left at its default."""
+                         overrides: Mapping[str, Any], read_files: bool = True) -> None:
+    """--demo: set demo values on every flag the user left at its default; checks that the demo pre-training
+    checkpoint exists unless `read_files` is False."""
     if not args.demo:
         return
     if args.data_path:
@@ -107,17 +116,20 @@ def apply_demo_overrides(args: argparse.Namespace, parser: argparse.ArgumentPars
     for name, value in overrides.items():
         if getattr(args, name) == parser.get_default(name):
             setattr(args, name, value)
+    if not read_files:
+        return
     if not Path(args.finetune).is_file() and args.finetune == DEMO_PRETRAIN_CHECKPOINT and not args.resume:
         raise ValueError(f"--demo needs the demo pre-training checkpoint {DEMO_PRETRAIN_CHECKPOINT}: "
                          "run `python main_pretrain.py --demo` first (or pass --finetune PATH)")
 
 
-def check_common_args(args: argparse.Namespace) -> None:
-    """Checks of both scripts: numbers, files and data folders. Machine-independent (it also runs on
-    a login node before submission): device and amp are checked by `util.amp.resolve_machine` inside the job."""
+def check_common_args(args: argparse.Namespace, read_files: bool = True) -> None:
+    """Checks of both scripts: numbers, then (unless `read_files` is False: --print_config) files and data folders.
+    Machine-independent (it also runs on a login node before submission): device and amp are checked by
+    `util.amp.resolve_machine` inside the job."""
     if args.log_dir is None:
         args.log_dir = args.output_dir  # TensorBoard beside the checkpoints, as pre-training does
-    for name in ("epochs", "batch_size", "accum_iter", "print_freq", "save_freq", "nb_classes"):
+    for name in ("epochs", "batch_size", "accum_iter", "print_freq", "save_freq", "eval_freq", "nb_classes"):
         check_range(args, name, 1, math.inf)
     for name in ("num_workers", "save_every_iters", "max_bad_images"):
         check_range(args, name, 0, math.inf)
@@ -128,20 +140,26 @@ def check_common_args(args: argparse.Namespace) -> None:
     check_range(args, "blr", 0, math.inf, low_open=True)
     check_range(args, "lr", 0, math.inf, low_open=True)
     check_range(args, "min_lr", 0, math.inf)
-    for flag in ("finetune", "resume"):
-        path = getattr(args, flag)
-        if path and path != "auto" and not Path(path).is_file():
-            raise ValueError(f"--{flag} {path}: no such file")
-    if args.resume == "auto" and not args.output_dir:
-        raise ValueError("--resume auto looks for checkpoints in --output_dir: give one")
     if args.eval and not args.resume:
         raise ValueError("--eval evaluates a checkpoint of this script: give it with --resume")
+    if not read_files:
+        return
+    if args.finetune and not Path(args.finetune).exists():
+        raise ValueError(f"--finetune {args.finetune}: no such file (or Hub folder)")
+    if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
+        raise ValueError(f"--resume {args.resume}: no such file")
+    if args.resume == "auto" and not args.output_dir:
+        raise ValueError("--resume auto looks for checkpoints in --output_dir: give one")
     if not args.demo:
         check_classification_folders(args.data_path)
 
 
-def load_source_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The checkpoint that defines the model: --resume if given, else --finetune, else None (from scratch).
+def load_source_checkpoint(
+    args: argparse.Namespace, load_encoder: Callable[[str], dict[str, Any]] = ckpt.load_checkpoint
+) -> dict[str, Any] | None:
+    """The checkpoint that defines the model: --resume if given, else --finetune (read by `load_encoder`: the
+    scripts pass `models_vit.load_encoder_source`, which also reads safetensors exports and Hub folders), else None
+    (from scratch).
 
     `--resume auto` becomes the path of the newest loadable checkpoint in --output_dir, or "" (a fresh run from
     --finetune) when there is none yet.
@@ -152,23 +170,19 @@ def load_source_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
             args.resume = str(path)
             return state
         args.resume = ""  # 'auto' found nothing to resume: a fresh run
-    return ckpt.load_checkpoint(args.finetune) if args.finetune else None
-
-
-def resolve_lr(args: argparse.Namespace, world_size: int) -> float:
-    """MAE: absolute lr = base lr * effective batch / 256, effective batch = batch_size * accum_iter * ranks."""
-    if args.lr is None:
-        args.lr = args.blr * args.batch_size * args.accum_iter * world_size / 256
-    return args.lr
+    return load_encoder(args.finetune) if args.finetune else None
 
 
 def setup_run(args: argparse.Namespace) -> torch.device:
-    """Device and precision of this machine, process group, logging, lr, seed, output folder and run_info.json."""
+    """Output folder check, device and precision of this machine, process group, logging, lr, seed, output folder
+    and run_info.json."""
+    check_output_dir(args)  # every rank, before anything is written: a fresh run never writes over another one
     resolve_machine(args)  # on the machine that trains (in a SLURM job: the compute node)
     distributed.apply_legacy_launcher_args(args)
     info = distributed.init_distributed(args.device, args.dist_url, args.dist_backend, args.output_dir or None)
     if info.distributed and args.device.startswith("cuda"):
         args.device = str(info.device("cuda"))  # this rank's GPU (local rank modulo the GPUs it sees)
+    prepare_output_dir(args)  # every rank has checked; --overwrite deletes the old run's files (rank 0)
     setup_logging(None if args.eval else args.output_dir)  # --eval never writes into a training run's folder
     logger.info("%s", describe_machine(args.device, args.amp))  # decided before logging was set up
     apply_global_batch(args, info.world_size)  # a config's global batch: --accum_iter for this world size
@@ -205,14 +219,13 @@ def report(stats: Mapping[str, float], what: str) -> None:
 
 
 def parse_and_resolve(
-    parser: argparse.ArgumentParser, resolve: Callable[[argparse.Namespace], Any], argv: list[str] | None = None
+    parser: argparse.ArgumentParser, resolve: Callable[..., Any], argv: list[str] | None = None
 ) -> tuple[argparse.Namespace, Any]:
-    """Parse the command line and resolve it; a ValueError exits with status 2 and its message (naming the flag)."""
+    """Parse the command line and resolve it (`resolve(args, read_files=...)`); --print_config resolves without
+    reading any file and exits. A ValueError exits with status 2 and one line naming the flag (`util.cli`)."""
     args = parse_with_config(parser, argv)
-    try:
+    with user_errors(parser.prog):
+        maybe_print_config(args, partial(resolve, read_files=False), parser)
         checkpoint = resolve(args)
-        maybe_print_config(args, lambda _: None, parser)  # resolve() has validated
-    except ValueError as err:
-        parser.error(str(err))
     return args, checkpoint
 

@@ -16,14 +16,18 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-# Flags that describe how a run was invoked, not what it computes: never written to, nor read from, a config.
-NOT_IN_CONFIG = ("config", "print_config", "help")
+from util.cli import exit_with_error
+
+# Flags that describe how a run was invoked, not what it computes: never written to, nor read from, a config;
+# `overwrite` deletes a run's files: a config file (or a printed one fed back) must never do that unasked.
+NOT_IN_CONFIG = ("config", "print_config", "overwrite", "help")
 
 
 class ConfigError(ValueError):
@@ -42,8 +46,9 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                        help="YAML file of flag values (keys as in `--print_config`); flags on the command line "
                             "override it (see configs/README.md)")
     group.add_argument("--print_config", action="store_true",
-                       help="print the resolved arguments as YAML that --config accepts, validate them and exit "
-                            "without reading any data")
+                       help="validate and resolve the arguments (--accum_iter from the global batch, --lr from --blr) "
+                            "for --nproc processes (default: $WORLD_SIZE, else 1), print them as YAML that --config "
+                            "accepts and exit; reads no file (data, checkpoints, teachers)")
 
 
 def add_global_batch_arg(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +69,7 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = 
 
     The command line is parsed once for `--config`; the file's values become the parser's defaults
     (`parser.set_defaults`), then the command line is parsed again and overrides them. A bad file exits with
-    status 2 and a message naming the file and the key, as a bad flag does. `parser` must have `--config`
+    status 2 and one line naming the file and the key (`util.cli.exit_with_error`). `parser` must have `--config`
     (`add_config_args`); its defaults are changed in place, so use a fresh parser per parse.
     """
     known, _ = parser.parse_known_args(argv)
@@ -74,7 +79,7 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = 
         try:
             parser.set_defaults(**load_config(known.config, parser))
         except ConfigError as err:
-            parser.error(str(err))
+            exit_with_error(err, parser.prog)
     return parser.parse_args(argv)
 
 
@@ -227,14 +232,32 @@ def _plain(value: Any, key: str) -> Any:
 
 
 def maybe_print_config(args: argparse.Namespace, validate: Callable[[argparse.Namespace], None],
-                       parser: argparse.ArgumentParser | None = None) -> None:
-    """With `--print_config`: run `validate(args)` (its ValueError propagates), print `config_yaml(args, parser)`
-    and exit with status 0. Without it: do nothing."""
+                       parser: argparse.ArgumentParser | None = None, world_size: int | None = None) -> None:
+    """With `--print_config`: run `validate(args)` (its ValueError propagates; it must read no file), resolve what
+    depends on the number of processes for `world_size` (default: `print_world_size`): --accum_iter from
+    --global_batch_size (which must divide) and --lr from --blr, then print `config_yaml(args, parser)` and exit
+    with status 0. Without it: do nothing."""
     if not getattr(args, "print_config", False):
         return
     validate(args)
+    world_size = world_size or print_world_size(args)
+    apply_global_batch(args, world_size)
+    if hasattr(args, "blr"):
+        resolve_lr(args, world_size)
     print(config_yaml(args, parser), end="", flush=True)
     raise SystemExit(0)
+
+
+def print_world_size(args: argparse.Namespace) -> int:
+    """The processes `--print_config` resolves for: --nproc (MAE's --world_size; a run counts its own processes),
+    else $WORLD_SIZE (set by torchrun), else 1."""
+    nproc = getattr(args, "world_size", None)
+    if nproc is not None:
+        if nproc < 1:
+            raise ValueError(f"--nproc (--world_size) must be >= 1, got {nproc}")
+        return nproc
+    value = os.environ.get("WORLD_SIZE", "").strip()
+    return int(value) if value.isdigit() and int(value) >= 1 else 1
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -281,6 +304,14 @@ def apply_global_batch(args: argparse.Namespace, world_size: int) -> None:
                          f"= --batch_size {args.batch_size} x world size {world_size} x {accum_iter}; give one of "
                          "them")
     args.accum_iter = accum_iter
+
+
+def resolve_lr(args: argparse.Namespace, world_size: int) -> float:
+    """MAE (paper Appendix A): absolute lr = base lr x effective batch / 256, effective batch = --batch_size x
+    --accum_iter x processes; an --lr given on the command line is kept. Sets and returns args.lr."""
+    if args.lr is None:
+        args.lr = args.blr * args.batch_size * args.accum_iter * world_size / 256
+    return args.lr
 
 
 def check_range(args: argparse.Namespace, name: str, low: float, high: float, low_open: bool = False,

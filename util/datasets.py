@@ -29,8 +29,9 @@ logger = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Real colour photographs shipped inside scikit-image (no download needed).
-DEMO_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "cat",
+# Real colour images shipped inside scikit-image (no download needed), eight different ones (skimage.data.cat()
+# is chelsea() again, so it is not among them; retina is a fundus photograph).
+DEMO_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
                "colorwheel")
 
 
@@ -88,15 +89,46 @@ def denormalize(images: Tensor) -> Tensor:
     return (images * std + mean).clamp(0, 1)
 
 
-def check_image_folder(path: str | os.PathLike) -> None:
-    """Raise ValueError naming the path unless it is an ImageFolder root with at least one image."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"--data_path {path} is not a folder")
-    for _, _, files in os.walk(path):
-        if any(f.lower().endswith(datasets.folder.IMG_EXTENSIONS) for f in files):
-            return
-    raise ValueError(f"--data_path {path} holds no images ({', '.join(datasets.folder.IMG_EXTENSIONS)})")
+def check_image_folder(path: str | os.PathLike, prefer: str | None = None) -> list[str]:
+    """Raise ValueError naming the path unless it is an ImageFolder root: class sub-folders (`root/<class>/<image>`),
+    each with at least one image (torchvision refuses a root without class folders and any empty class). With
+    `prefer` ('train', 'val'), `path/prefer` is the root when it exists, as the datasets read it. Returns the class
+    folder names, sorted (ImageFolder's order). Scans only until each class's first image."""
+    given = Path(path)
+    if not given.is_dir():
+        raise ValueError(f"--data_path {given} is not a folder")
+    root = given / prefer if prefer and (given / prefer).is_dir() else given
+    with os.scandir(root) as entries:
+        entries = list(entries)
+    classes = sorted(e.name for e in entries if e.is_dir())
+    layout = "an ImageFolder: root/<class>/<image>, one sub-folder per class"
+    if not classes:
+        loose = sum(e.is_file() and _is_image(e.name) for e in entries)
+        found = f"{loose} images but no class sub-folders" if loose else "no class sub-folders"
+        raise ValueError(f"--data_path {given}: {root} holds {found}; expected {layout} (for unlabelled images, "
+                         f"move them into one sub-folder, e.g. {root}/images/)")
+    empty = [c for c in classes if not _holds_image(root / c)]
+    if empty:
+        raise ValueError(f"--data_path {given}: class folder(s) without images under {root}: {', '.join(empty[:5])}"
+                         f"{' ...' if len(empty) > 5 else ''} (images: {', '.join(datasets.folder.IMG_EXTENSIONS)}); "
+                         f"expected {layout}")
+    return classes
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(datasets.folder.IMG_EXTENSIONS)
+
+
+def _holds_image(folder: Path) -> bool:
+    """Whether `folder` or a folder below it holds an image file (as ImageFolder walks it, links followed)."""
+    subfolders = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_file() and _is_image(entry.name):
+                return True
+            if entry.is_dir():
+                subfolders.append(Path(entry.path))
+    return any(_holds_image(sub) for sub in subfolders)
 
 
 def build_pretrain_dataset(data_path: str, input_size: int) -> Dataset:
@@ -128,10 +160,16 @@ def demo_photos() -> list[Image.Image]:
 
 
 class DemoPhotos(Dataset):
-    """A small real-image set for the demo and tests: `samples_per_photo` augmented crops of each photograph."""
+    """A small real-image set for the demo and tests: `samples_per_photo` augmented crops of each photograph.
 
-    def __init__(self, input_size: int, samples_per_photo: int = 64):
+    Photographs larger than `max_side` pixels are shrunk first (antialiased, aspect kept): a crop of a fifth of the
+    photograph or more ends at input_size (32 px in the demo) anyway, and cropping the 1411-px retina at full size
+    would cost the demo ten times the time of the others."""
+
+    def __init__(self, input_size: int, samples_per_photo: int = 64, max_side: int = 512):
         self.photos = demo_photos()
+        for photo in self.photos:
+            photo.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
         self.samples_per_photo = samples_per_photo
         self.transform = pretrain_transform(input_size)
 

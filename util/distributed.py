@@ -251,8 +251,9 @@ def add_legacy_launcher_args(parser) -> None:
     `--dist_on_itp`, so MAE's command lines run unchanged. The environment that torchrun / SLURM set always wins."""
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", default=None, type=int,
                         help="GPU index on this node (torch.distributed.launch passes it; LOCAL_RANK wins)")
-    parser.add_argument("--world_size", default=None, type=int,
-                        help="number of processes (MAE's flag; WORLD_SIZE from the launcher wins)")
+    parser.add_argument("--world_size", "--nproc", dest="world_size", default=None, type=int,
+                        help="number of processes (MAE's flag; WORLD_SIZE from the launcher wins); what "
+                             "--print_config resolves for")
     parser.add_argument("--dist_on_itp", action="store_true",
                         help="MAE's flag for OpenMPI launches (mpirun, e.g. Microsoft's ITP cluster): rank, world "
                              "size and local rank come from OMPI_COMM_WORLD_RANK/_SIZE/_LOCAL_RANK; MASTER_ADDR and "

@@ -140,7 +140,7 @@ def load_checkpoints(args: argparse.Namespace) -> tuple[dict | None, dict | None
             args.resume = str(path)
             return state, None
         args.resume = ""
-    return None, (ckpt.read_checkpoint(args.finetune) if args.finetune else None)
+    return None, (ckpt.load_checkpoint(args.finetune) if args.finetune else None)
 
 
 def check_run_flags(args: argparse.Namespace) -> None:

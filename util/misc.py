@@ -101,9 +101,10 @@ class MetricLogger:
         self.delimiter = delimiter
         self.mean_over_ranks = mean_over_ranks
 
-    def update(self, **values: Any) -> None:
+    def update(self, n: int = 1, **values: Any) -> None:
+        """Add one value per meter, each weighing `n` in the global average (e.g. a batch of n samples)."""
         for name, value in values.items():
-            self.meters[name].update(value)
+            self.meters[name].update(value, n)
 
     def add_meter(self, name: str, meter: SmoothedValue) -> None:
         self.meters[name] = meter

@@ -25,16 +25,17 @@ logger = logging.getLogger(__name__)
 # -- compatibility of a checkpoint with this run ----------------------------------------------------------------
 
 #: Stored flags that never change results, so resume does not compare them: paths (a moved dataset or a new output
-#: folder is the same experiment), resume bookkeeping, logging and checkpoint cadence, data loading, the process
-#: group and device, the precision (an A100 -> V100 requeue is legitimate; its change is logged), and launcher flags.
+#: folder is the same experiment), resume bookkeeping (and --overwrite), logging, evaluation and checkpoint cadence,
+#: data loading, the process group and device, the precision (an A100 -> V100 requeue is legitimate; its change is
+#: logged), and launcher flags.
 IGNORED_SETTINGS = frozenset({
     "output_dir", "log_dir", "job_dir", "data_path",
     "resume", "start_epoch", "resume_allow_changes",
-    "print_freq", "save_freq", "save_every_iters", "save_every_minutes", "vis_freq", "max_bad_images", "eval",
-    "dist_eval", "num_workers", "pin_mem", "dist_url", "dist_backend", "dist_timeout", "device", "amp",
+    "print_freq", "save_freq", "save_every_iters", "save_every_minutes", "vis_freq", "eval_freq", "max_bad_images",
+    "eval", "dist_eval", "num_workers", "pin_mem", "dist_url", "dist_backend", "dist_timeout", "device", "amp",
     "ngpus", "nodes", "timeout", "partition", "use_volta32", "comment", "cluster", "max_requeues", "cpus_per_task",
     "mem_gb",
-    "config", "print_config", "grad_ckpt", "compile", "compile_backend", "local_rank", "world_size",
+    "config", "print_config", "overwrite", "grad_ckpt", "compile", "compile_backend", "local_rank", "world_size",
     "dist_on_itp",
 })
 #: How a fixed --global_batch_size is split over processes: not compared when the global batch is the same.

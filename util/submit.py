@@ -25,11 +25,13 @@ import argparse
 import copy
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 from util import distributed
 from util.checkpoint import list_checkpoints
+from util.cli import script_parser, user_errors
 from util.config import derive_accum_iter, maybe_print_config, parse_with_config
 from util.preemption import SIGNAL_DELAY_S
 
@@ -194,16 +196,15 @@ def classification_launcher(module: Any, name: str, argv: list[str] | None = Non
     """Parse, validate and submit a fine-tuning / linear-probing job (`module` has get_args_parser, resolve_args,
     main); a requeue resumes from the job folder's newest checkpoint. Validation is machine-independent (device
     and amp are resolved in the job)."""
-    parser = argparse.ArgumentParser(f"Submitit for {name}", parents=[module.get_args_parser()])
+    parser = script_parser(f"Submit {name} to SLURM (submitit)", [module.get_args_parser()])
     add_launcher_args(parser)
     args = parse_with_config(parser, argv)
-    try:
+    with user_errors(parser.prog):
         validate_launcher_args(args)
         resolved = argparse.Namespace(**vars(args))
+        maybe_print_config(resolved, partial(module.resolve_args, read_files=False), parser,
+                           world_size=args.nodes * args.ngpus)
         module.resolve_args(resolved)  # validation only; the job resolves again
-        maybe_print_config(resolved, lambda _: None, parser)
         if args.global_batch_size is not None:  # fail now, not after the queue: the job derives --accum_iter
             derive_accum_iter(args.global_batch_size, args.batch_size, args.nodes * args.ngpus)
-    except ValueError as err:
-        parser.error(str(err))
     return launch(module.main, args, name=name)  # fine-tuning and probing understand --resume auto too
