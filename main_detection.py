@@ -36,6 +36,7 @@ from detection.transforms import LSJ_SCALE, lsj_transform
 from engine_detection import Evaluation, build_loaders, execute, make_step_loss
 from models_backbone import to_sync_batchnorm
 from util import cls_run, iteration
+from util.cli import script_parser, user_errors
 from util.config import add_config_args, add_global_batch_arg, check_range, flag_defaults
 from util.lr_sched import step_lr_at
 from util.training import StepLoss
@@ -114,7 +115,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace, read_files: bool = True) -> None:
     """Ranges and combinations; files. Machine-independent (runs on a login node too)."""
     for name in ("batch_size", "accum_iter", "print_freq", "input_size", "window_size", "fpn_channels", "box_fc_dim",
                  "rpn_batch_size_per_image", "box_batch_size_per_image", "detections_per_img", "num_classes"):
@@ -131,21 +132,20 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--lsj_scale must be 0 < low <= high, got {args.lsj_scale}")
     if sorted(args.lr_drops) != args.lr_drops or any(d < 1 for d in args.lr_drops):
         raise ValueError(f"--lr_drops must be increasing update counts >= 1, got {args.lr_drops}")
-    iteration.check_run_flags(args)
-    if args.eval and (Path(args.output_dir) / "results_bbox.json").exists():
+    iteration.check_run_flags(args, read_files)
+    if read_files and args.eval and (Path(args.output_dir) / "results_bbox.json").exists():
         raise ValueError(f"--output_dir {args.output_dir} holds the results of an earlier evaluation: give a new one")
 
 
-def resolve_args(args: argparse.Namespace) -> tuple[dict | None, dict | None]:
-    """Demo settings, checks, data layout and architecture. Returns (--resume state, --finetune checkpoint)."""
+def resolve_args(args: argparse.Namespace, read_files: bool = True) -> tuple[dict | None, dict | None]:
+    """Demo settings, checks, data layout and architecture. Returns (--resume state, --finetune checkpoint); with
+    `read_files` False (--print_config) nothing is read and both are None."""
     iteration.apply_demo(args, get_args_parser(), DEMO_OVERRIDES, DEMO_DATA)
     args.log_dir = args.log_dir or args.output_dir
-    check_args(args)
-    if not (args.demo and args.data_path == DEMO_DATA) and not args.print_config:  # --print_config reads no data
-        check_layout(args.data_path, ("val",) if args.eval else ("train", "val"))
-    resume_state, source = iteration.load_checkpoints(args)
-    resolve_architecture(args, resume_state, source)
-    return resume_state, source
+    check_args(args, read_files)
+    splits = ("val",) if args.eval else ("train", "val")
+    return iteration.resolve_run(args, read_files, DEMO_DATA, lambda: check_layout(args.data_path, splits),
+                                 lambda state, source: resolve_architecture(args, state, source))
 
 
 def resolve_architecture(args: argparse.Namespace, resume_state: dict | None, source: dict | None) -> None:
@@ -238,6 +238,7 @@ def train(args: argparse.Namespace, resume_state: dict | None, source: dict | No
 
 
 if __name__ == "__main__":
-    cli = argparse.ArgumentParser("DeepMIM detection", parents=[get_args_parser()])
-    parsed, (resume_checkpoint, encoder_checkpoint) = cls_run.parse_and_resolve(cli, resolve_args)
-    train(parsed, resume_checkpoint, encoder_checkpoint)
+    with user_errors():
+        parsed, (resume_checkpoint, encoder_checkpoint) = cls_run.parse_and_resolve(
+            script_parser(__doc__, [get_args_parser()]), resolve_args)
+        train(parsed, resume_checkpoint, encoder_checkpoint)

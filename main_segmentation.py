@@ -33,6 +33,7 @@ from segmentation.data import SegmentationFolder, check_layout, class_names
 from segmentation.segmentor import Segmentor, create_segmentor, head_counts, load_pretrained_encoder
 from segmentation.transforms import TestTransform, TrainTransform
 from util import cls_run, iteration
+from util.cli import script_parser, user_errors
 from util.config import add_config_args, add_global_batch_arg, check_range, flag_defaults
 from util.layer_decay import param_groups_layer_decay
 from util.lr_sched import poly_lr_at
@@ -107,7 +108,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace, read_files: bool = True) -> None:
     """Ranges and combinations; files and folders. Machine-independent (runs on a login node too)."""
     for name in ("batch_size", "accum_iter", "print_freq", "input_size", "slide_stride", "channels"):
         check_range(args, name, 1, math.inf)
@@ -124,12 +125,13 @@ def check_args(args: argparse.Namespace) -> None:
     iteration.check_iteration_args(args)
     if not 0 < args.ratio_range[0] <= args.ratio_range[1]:
         raise ValueError(f"--ratio_range must be 0 < low <= high, got {args.ratio_range}")
-    iteration.check_run_flags(args)
-    if args.class_names and not Path(args.class_names).is_file():
-        raise ValueError(f"--class_names {args.class_names}: no such file")
     if args.save_predictions and not args.eval:
         raise ValueError("--save_predictions is an --eval option (the predictions of a trained checkpoint)")
-    check_outputs(args)
+    iteration.check_run_flags(args, read_files)
+    if read_files:
+        if args.class_names and not Path(args.class_names).is_file():
+            raise ValueError(f"--class_names {args.class_names}: no such file")
+        check_outputs(args)
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -138,19 +140,14 @@ def check_outputs(args: argparse.Namespace) -> None:
         raise ValueError(f"--save_predictions {args.save_predictions} is not empty: give a new folder")
 
 
-def resolve_args(args: argparse.Namespace) -> tuple[dict | None, dict | None]:
-    """Demo settings, checks, data layout and architecture. Returns (--resume state, --finetune checkpoint)."""
+def resolve_args(args: argparse.Namespace, read_files: bool = True) -> tuple[dict | None, dict | None]:
+    """Demo settings, checks, data layout and architecture. Returns (--resume state, --finetune checkpoint); with
+    `read_files` False (--print_config) nothing is read and both are None."""
     iteration.apply_demo(args, get_args_parser(), DEMO_OVERRIDES, DEMO_DATA)
     args.log_dir = args.log_dir or args.output_dir
-    check_args(args)
-    if not (args.demo and args.data_path == DEMO_DATA) and not args.print_config:  # --print_config reads no data
-        check_layout(args.data_path)
-    resume_state, source = iteration.load_checkpoints(args)
-    resolve_architecture(args, resume_state, source)
-    if args.slide_stride > args.input_size:
-        raise ValueError(f"--slide_stride {args.slide_stride} leaves pixels between windows of --input_size "
-                         f"{args.input_size}: give a stride <= the window")
-    return resume_state, source
+    check_args(args, read_files)
+    return iteration.resolve_run(args, read_files, DEMO_DATA, lambda: check_layout(args.data_path),
+                                 lambda state, source: resolve_architecture(args, state, source))
 
 
 def resolve_architecture(args: argparse.Namespace, resume_state: dict | None, source: dict | None) -> None:
@@ -166,12 +163,15 @@ def resolve_architecture(args: argparse.Namespace, resume_state: dict | None, so
         iteration.use_checkpoint_architecture(args, values)
         if args.eval:
             evaluate_as_trained(args, resume_state.get("args") or {})
-        return
-    models_vit.resolve_architecture(args, source)
-    indices = args.out_indices or models_backbone.default_out_indices(args.depth)
-    if not all(0 <= i < args.depth for i in indices):
-        raise ValueError(f"--out_indices {list(indices)} must lie in 0..{args.depth - 1} (0-based blocks)")
-    args.out_indices = list(indices)
+    else:
+        models_vit.resolve_architecture(args, source)
+        indices = args.out_indices or models_backbone.default_out_indices(args.depth)
+        if not all(0 <= i < args.depth for i in indices):
+            raise ValueError(f"--out_indices {list(indices)} must lie in 0..{args.depth - 1} (0-based blocks)")
+        args.out_indices = list(indices)
+    if args.slide_stride > args.input_size:
+        raise ValueError(f"--slide_stride {args.slide_stride} leaves pixels between windows of --input_size "
+                         f"{args.input_size}: give a stride <= the window")
 
 
 # The test pipeline of a run: --eval takes these from the checkpoint's flags unless they are given.
@@ -252,6 +252,7 @@ def train(args: argparse.Namespace, resume_state: dict | None, source: dict | No
 
 
 if __name__ == "__main__":
-    cli = argparse.ArgumentParser("DeepMIM semantic segmentation", parents=[get_args_parser()])
-    parsed, (resume_checkpoint, encoder_checkpoint) = cls_run.parse_and_resolve(cli, resolve_args)
-    train(parsed, resume_checkpoint, encoder_checkpoint)
+    with user_errors():
+        parsed, (resume_checkpoint, encoder_checkpoint) = cls_run.parse_and_resolve(
+            script_parser(__doc__, [get_args_parser()]), resolve_args)
+        train(parsed, resume_checkpoint, encoder_checkpoint)

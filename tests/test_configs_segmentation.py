@@ -54,7 +54,7 @@ def test_segmentation_config_prints_appendix_a_and_round_trips(path, ade_folder,
         return args
 
     no_data = config.parse_with_config(make_parser("segmentation"), ["--config", str(path), "--print_config"])
-    main_segmentation.resolve_args(no_data)  # --print_config needs no --data_path: it reads no data
+    main_segmentation.resolve_args(no_data, read_files=False)  # --print_config needs no --data_path: reads no file
     args = resolve(["--config", str(path), "--print_config"])
     text = print_config(args, "segmentation", lambda a: None, capsys)
     lr, decay = LR_AND_DECAY[path.name]

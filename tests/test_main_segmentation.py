@@ -133,7 +133,7 @@ def test_bad_input_is_refused_before_training(mosaics, tmp_path):
     done = tmp_path / "done"
     done.mkdir()
     (done / "checkpoint-last.pth").write_bytes(b"")
-    with pytest.raises(ValueError, match="holds checkpoints of a run: continue it with --resume auto"):
+    with pytest.raises(ValueError, match="already holds a run .*: continue it with --resume auto"):
         resolve(*tiny_flags(mosaics, done))
     preds = tmp_path / "preds"
     preds.mkdir()

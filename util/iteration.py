@@ -36,6 +36,7 @@ from util.datasets import EpochIndex, ResumableDistributedSampler
 from util.misc import RunClock, append_json_log, log_summary, make_log_writer
 from util.preemption import GracefulStop
 from util.resume import load_resume_state, resume_run
+from util.run_folder import add_overwrite_arg, check_output_dir
 from util.training import StepLoss, Timeline, UpdateHook, add_compile_args, maybe_compile, train_epoch, wrap_ddp
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g.add_argument("--dist_url", default="env://")
     distributed.add_legacy_launcher_args(g)
     distributed.add_dist_args(g)
+    add_overwrite_arg(g)
     add_compile_args(g)
     return g
 
@@ -143,18 +145,36 @@ def load_checkpoints(args: argparse.Namespace) -> tuple[dict | None, dict | None
     return None, (ckpt.load_checkpoint(args.finetune) if args.finetune else None)
 
 
-def check_run_flags(args: argparse.Namespace) -> None:
-    """--finetune / --resume name files, --eval has a --resume, and a new training run never writes into a folder
-    that holds another run's checkpoints. ValueError naming the flag."""
+def check_run_flags(args: argparse.Namespace, read_files: bool = True) -> None:
+    """--eval has a --resume; with `read_files` (not under --print_config, which checks no file): --finetune /
+    --resume name files, and a new training run never writes over another run's --output_dir
+    (`util.run_folder.check_output_dir`: --resume auto, a fresh folder or --overwrite). ValueError naming the flag."""
+    if args.eval and not args.resume:
+        raise ValueError("--eval evaluates a checkpoint of this script: give it with --resume")
+    if not read_files:
+        return
     for flag in ("finetune", "resume"):
         path = getattr(args, flag)
         if path and path != "auto" and not Path(path).is_file():
             raise ValueError(f"--{flag} {path}: no such file")
-    if args.eval and not args.resume:
-        raise ValueError("--eval evaluates a checkpoint of this script: give it with --resume")
-    if not args.eval and not args.resume and ckpt.list_checkpoints(args.output_dir):
-        raise ValueError(f"--output_dir {args.output_dir} holds checkpoints of a run: continue it with --resume auto, "
-                         "or give another --output_dir")
+    check_output_dir(args)
+
+
+def resolve_run(args: argparse.Namespace, read_files: bool, demo_data: str, check_data: Callable[[], None],
+                resolve_architecture: Callable[[dict | None, dict | None], None]) -> tuple[dict | None, dict | None]:
+    """The common end of an iteration-based script's `resolve_args`, after its flag checks: the data layout
+    (`check_data`, skipped for the demo's own data `demo_data`, written at start), the --resume / --finetune checkpoints
+    and the architecture they fix. With `read_files` False (--print_config) no file is read: the architecture is
+    resolved from the flags unless a checkpoint would fix it. Returns (--resume state, --finetune checkpoint)."""
+    if not read_files:
+        if not (args.finetune or args.resume):
+            resolve_architecture(None, None)
+        return None, None
+    if not args.demo or args.data_path != demo_data:
+        check_data()
+    resume_state, source = load_checkpoints(args)
+    resolve_architecture(resume_state, source)
+    return resume_state, source
 
 
 def apply_demo(args: argparse.Namespace, parser: argparse.ArgumentParser, overrides: Mapping[str, Any],
