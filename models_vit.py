@@ -205,6 +205,10 @@ def hub_classifier_config(config: Mapping[str, Any], where: str = "config.json")
     if arch not in by_arch:
         raise ValueError(f"{where}: architecture {arch!r} is not a ViT this project builds "
                          f"({', '.join(sorted(by_arch))})")
+    unknown = sorted(set(args) - {*ARCH_KEYS, "img_size", "num_classes", "global_pool", "in_chans"})
+    if unknown or args.get("in_chans", 3) != 3:
+        raise ValueError(f"{where}: timm {arch} with model_args {sorted(args)} is not a ViT this project builds "
+                         f"({', '.join(unknown) or 'in_chans'} not as tools/export_encoder.py writes them)")
     sizes = dict(zip(ARCH_KEYS, VIT_SIZES[by_arch[arch]]))
     sizes.update({k: int(args[k]) for k in ARCH_KEYS if args.get(k) is not None})
     same = [name for name, values in VIT_SIZES.items() if values == tuple(sizes[k] for k in ARCH_KEYS)]

@@ -132,7 +132,7 @@ def test_the_demo_probe_settings_train_without_a_loss_spike():
 
     model = Encoder()
     torch.manual_seed(0)
-    main_linprobe.attach_probe_head(model)
+    models_vit.attach_probe_head(model)
     lr = demo["blr"] * demo["batch_size"] / 256
     optimizer = main_linprobe.build_optimizer(model, argparse.Namespace(lr=lr, weight_decay=0.0))
     steps = len(labels) // demo["batch_size"]
