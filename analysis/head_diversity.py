@@ -19,6 +19,7 @@ The sums over images are accumulated batch by batch, so neither measure holds th
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -54,7 +55,7 @@ def mean_pairwise(similarity: Tensor) -> Tensor:
     return pairwise_values(similarity).mean(dim=-1)
 
 
-class HeadPairSums:
+class HeadPairSums(ABC):
     """Per-layer (H, H) sums over the images seen, batch by batch: `update` with one batch of every layer's
     (N, H, ...) tensors adds `batch_sum` of each; a subclass says what is summed and what `compute` returns."""
 
@@ -64,8 +65,9 @@ class HeadPairSums:
         self.num_rows = 0  # images x tokens
 
     @staticmethod
+    @abstractmethod
     def batch_sum(heads: Tensor) -> Tensor:
-        raise NotImplementedError
+        """(N, H, ...) one batch of one layer's heads -> (H, H) what this measure sums over images."""
 
     def update(self, heads_per_layer: Sequence[Tensor]) -> None:
         if len(heads_per_layer) != self.sums.shape[0]:

@@ -1,16 +1,12 @@
 """util/datasets.py: only decode/IO failures count as broken images, per-sample seeding leaves every global RNG
 (and CUDA's) alone and makes timm's fine-tuning augmentation reproducible, the epoch travels with the sampler's
-indices (persistent workers see every epoch), DataLoader workers survive the signals SLURM sends every process of a
-job, the default worker count follows the job's CPUs, and device constants are made once."""
+indices (persistent workers see every epoch), the default worker count follows the job's CPUs, and device constants
+are made once. That DataLoader workers survive SLURM's signals: tests/test_loader_signals.py."""
 
 from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +33,6 @@ from util.datasets import (
     default_num_workers,
     denormalize,
     device_constant,
-    ignore_stop_signals,
     normalize_on_device,
     sample_images,
 )
@@ -360,61 +355,6 @@ def test_normalisation_constants_are_cached_and_exact():
     x = torch.ones(2, requires_grad=True)
     (x * device_constant((0.5, 0.25), torch.device("cpu"))).sum().backward()
     assert x.grad.tolist() == [0.5, 0.25]
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# 6. DataLoader workers ignore the stop signals
-# ------------------------------------------------------------------------------------------------------------------
-
-
-class Slow(Dataset):
-    """index -> index, after a short sleep (so the workers are still busy when they are signalled)."""
-
-    def __len__(self) -> int:
-        return 24
-
-    def __getitem__(self, index: int) -> int:
-        time.sleep(0.05)
-        return index
-
-
-def signal_from_another_process(pids: list[int], signals: list[int]) -> None:
-    """Send signals as SLURM does: from a process that is not the workers' parent (torch's worker handler lets a
-    SIGTERM from the parent end the worker quietly, and one from anyone else kill it)."""
-    code = "import os, sys; [os.kill(int(p), int(s)) for s in sys.argv[1].split(',') for p in sys.argv[2:]]"
-    subprocess.run([sys.executable, "-c", code, ",".join(map(str, signals)), *map(str, pids)], check=True)
-
-
-def iterate_and_signal(worker_init_fn, signals: list[int]) -> list[int]:
-    loader = DataLoader(Slow(), batch_size=2, num_workers=2, worker_init_fn=worker_init_fn)
-    iterator = iter(loader)
-    batches = [next(iterator), next(iterator)]  # one from each worker: both have run worker_init_fn
-    signal_from_another_process([w.pid for w in iterator._workers], signals)
-    time.sleep(0.2)  # let the signals land before the next batch is asked for
-    batches.extend(iterator)
-    return torch.cat(batches).tolist()
-
-
-def test_workers_ignore_stop_signals():
-    signals = [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2]
-    assert iterate_and_signal(ignore_stop_signals, signals) == list(range(24))
-
-
-def test_without_ignore_stop_signals_a_sigterm_kills_the_loader():
-    with pytest.raises(RuntimeError, match="DataLoader worker .* (killed by signal|exited unexpectedly)"):
-        iterate_and_signal(None, [signal.SIGTERM])
-
-
-def test_ignore_stop_signals_sets_sig_ign_for_the_three_signals():
-    signals = [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2]
-    previous = {sig: signal.getsignal(sig) for sig in signals}
-    try:
-        ignore_stop_signals(0)
-        assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in signals)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
 
 
 def test_sample_images_are_rgb_whatever_the_source():

@@ -6,7 +6,8 @@
 MAE's `models_mae.MaskedAutoencoderViT` holds one decoder, on the last block, under the names `mask_token`,
 `decoder_embed`, `decoder_pos_embed`, `decoder_blocks.*`, `decoder_norm`, `decoder_pred`; its encoder keys
 (`cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.*`, `norm`) are ours already. The file is MAE's checkpoint
-dict: {"model": state dict} (MAE's notebook: `model.load_state_dict(torch.load(path)["model"], strict=False)`), plus
+dict: {"model": state dict} (MAE's notebook:
+`model.load_state_dict(torch.load(path, weights_only=True)["model"], strict=False)`; plain values only), plus
 "model_cfg" (the same model with that one decoder, so this project's tools read the file back without --model),
 "epoch" and "mae_model_args": the arguments of MAE's constructor that build the matching model, also printed.
 
@@ -106,7 +107,8 @@ def export(checkpoint_path: str | Path, out_path: str | Path) -> dict[str, Any]:
     save_atomic(exported, out_path)
     args = ", ".join(f"{k}={v!r}" for k, v in exported["mae_model_args"].items())
     logger.info("wrote %d tensors to %s; in MAE's code: models_mae.MaskedAutoencoderViT(%s, "
-                "norm_layer=partial(nn.LayerNorm, eps=1e-6)).load_state_dict(torch.load(%r)['model'])",
+                "norm_layer=partial(nn.LayerNorm, eps=1e-6))"
+                ".load_state_dict(torch.load(%r, weights_only=True)['model'])",
                 len(state), out_path, args, str(Path(out_path).resolve()))
     return exported
 
