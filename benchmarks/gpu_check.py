@@ -34,6 +34,9 @@ Sections, in order (each runs even when an earlier one failed; a failure is repo
                  spec-sheet dense bf16 peak and a measured matmul peak (benchmarks/bench_pretrain.py's step)
   sigterm_resume `python main_pretrain.py`, SIGTERM to its process group mid-epoch -> a mid-epoch checkpoint and a
                  clean exit -> `--resume auto` continues to the last epoch
+  segmentation   `torchrun --nproc_per_node 1 main_segmentation.py`: ViT-B UperNet at 512 (SyncBatchNorm, DDP), a
+                 few updates and one evaluation, then `--eval` of the last checkpoint (mIoU in eval_<time>.json)
+  detection      the same for main_detection.py: ViT-B Mask R-CNN at 1024 (windowed attention), box and mask AP
   compile        the one torch.compile: `--compile --grad_ckpt` under torchrun (inductor; eager in the dry run)
 
 Sections that need CUDA run their code path on a CPU and report "skipped: no CUDA". A section that would not fit in
@@ -80,6 +83,7 @@ from gpu_checks_training import (  # noqa: E402
     section_sigterm_resume,
     section_sync_debug,
 )
+from gpu_checks_transfer import section_detection, section_segmentation  # noqa: E402
 
 from util import amp as amp_util  # noqa: E402
 
@@ -130,6 +134,8 @@ SECTIONS: tuple[tuple[str, Callable[[Context], dict[str, Any]], float], ...] = (
     ("loader", section_loader, 20),
     ("throughput", section_throughput, 25),
     ("sigterm_resume", section_sigterm_resume, 40),
+    ("segmentation", section_segmentation, 45),
+    ("detection", section_detection, 60),
     ("compile", section_compile, 100),
 )
 
@@ -217,6 +223,9 @@ KEY_NUMBERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "throughput": _throughput,
     "sigterm_resume": lambda r: (f"stop at epoch {r['checkpoint_epoch']} iter {r['checkpoint_iter']}, resumed to "
                                  f"epoch {r.get('final_epoch')}" if "checkpoint_iter" in r else ""),
+    "segmentation": lambda r: f"{r['amp']}: mIoU {r['eval']['mIoU']:.1f} after {r['train'].get('updates')} updates",
+    "detection": lambda r: (f"{r['amp']}: AP box {r['eval']['bbox']['AP']:.1f}, mask {r['eval']['segm']['AP']:.1f} "
+                            f"after {r['train'].get('updates')} updates"),
     "compile": lambda r: _losses(r.get("run", {})),
 }
 

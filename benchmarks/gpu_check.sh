@@ -7,7 +7,8 @@
 #   LIMIT=600 bash benchmarks/gpu_check.sh             # another hard limit in seconds (default 420)
 #   bash benchmarks/gpu_check.sh --sections memory     # extra flags go to gpu_check.py
 #   bash benchmarks/gpu_check.sh --dry-run             # every section's code path on the CPU, tiny sizes (the suite)
-#   EXTRA=1 bash benchmarks/gpu_check.sh               # then the longer benchmark tables (targets, profile, data)
+#   EXTRA=1 bash benchmarks/gpu_check.sh               # then the longer benchmark tables (targets, profile, data,
+#                                                      # segmentation and detection steps)
 #
 # At the limit the check and everything it started (torchrun, training runs, loader workers) get SIGTERM, then
 # SIGKILL 15 s later: no orphan keeps the GPU. Paste the printed table into benchmarks/RESULTS.md; the JSON holds
@@ -63,5 +64,8 @@ if [ "${EXTRA:-0}" = "1" ]; then
         --model deepmim_vit_base_patch16 --adamw fused --profile
     echo "== extra: data: the CPU pipeline per worker and through a DataLoader"
     "$PY" benchmarks/bench_data.py --num_images 512 --repeats 2 --psnr_images 50
+    echo "== extra: ViT-B UperNet (512 px) and Mask R-CNN (1024 px), 2 images per GPU: img/s, MFU, peak memory"
+    "$PY" benchmarks/bench_segmentation.py --device cuda --amp bf16 --steps 10 --warmup 3 --eval_images 5
+    "$PY" benchmarks/bench_detection.py --device cuda --amp bf16 --steps 10 --warmup 3 --no_memory
 fi
 exit "$status"
