@@ -53,13 +53,13 @@ def build_loaders(args: argparse.Namespace, train: CocoDetection | None, val: Co
     one image per step (detectron2's test batch), unreadable images skipped and counted."""
     world, rank = distributed.get_world_size(), distributed.get_rank()
     common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.startswith("cuda"),
-                  worker_init_fn=ignore_stop_signals)
+                  worker_init_fn=ignore_stop_signals, persistent_workers=args.num_workers > 0)  # val: no re-fork
     train_loader = None
     if train is not None:
         robust = RobustSeededDataset(train, args.seed)
         sampler = IterationSampler(robust, args.batch_size, num_replicas=world, rank=rank, seed=args.seed)
         train_loader = DataLoader(robust, sampler=sampler, batch_size=args.batch_size, drop_last=False,
-                                  collate_fn=collate_train, persistent_workers=args.num_workers > 0,
+                                  collate_fn=collate_train,
                                   generator=torch.Generator().manual_seed(args.seed), **common)
     shard = Subset(SkipUnreadable(val), range(rank, len(val), world))
     val_loader = DataLoader(shard, batch_size=1, shuffle=False, collate_fn=collate_eval, **common)

@@ -54,9 +54,8 @@ def build_loaders(args: argparse.Namespace, train: SegmentationFolder, val: Segm
     robust = RobustSeededDataset(train, args.seed)
     sampler = IterationSampler(robust, args.batch_size, num_replicas=world, rank=rank, seed=args.seed)
     common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.startswith("cuda"),
-                  worker_init_fn=ignore_stop_signals)
+                  worker_init_fn=ignore_stop_signals, persistent_workers=args.num_workers > 0)  # val: no re-fork
     train_loader = DataLoader(robust, sampler=sampler, batch_size=args.batch_size, drop_last=False,
-                              persistent_workers=args.num_workers > 0,
                               generator=torch.Generator().manual_seed(args.seed), **common)
     num_real = None
     if world > 1:

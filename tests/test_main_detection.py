@@ -187,3 +187,14 @@ def test_bad_flags_stop_before_anything_runs(coins, trained, tmp_path):
     main_detection.resolve_args(args)
     with pytest.raises(ValueError, match="--num_classes 80 but .*instances_val2017.json has 1 categories"):
         main_detection.build_datasets(args)
+
+
+def test_loaders_keep_their_workers_between_evaluations(coins, tmp_path):
+    """Validation every --eval_interval updates re-forked the val loader's workers (issue 23: persistent, as the
+    classification loaders); the training loader's workers live across intervals too."""
+    from engine_detection import build_loaders
+
+    args = parse(*tiny_flags(coins, tmp_path / "out", "--num_workers", "1"))
+    main_detection.resolve_args(args)
+    train_loader, val_loader = build_loaders(args, *main_detection.build_datasets(args))
+    assert train_loader.persistent_workers and val_loader.persistent_workers

@@ -163,3 +163,14 @@ def test_two_gloo_ranks_train_and_evaluate(mosaics, tmp_path):
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["updates"] == 4
     lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [line["test_images"] for line in lines] == [3, 3]
+
+
+def test_loaders_keep_their_workers_between_evaluations(mosaics, tmp_path):
+    """Validation every --eval_interval updates re-forked the val loader's workers (issue 23: persistent, as the
+    classification loaders); the training loader's workers live across intervals too."""
+    from engine_segmentation import build_loaders
+
+    args = parse(*tiny_flags(mosaics, tmp_path / "out", "--num_workers", "1"))
+    main_segmentation.resolve_args(args)
+    train_loader, val_loader, _ = build_loaders(args, *main_segmentation.build_datasets(args))
+    assert train_loader.persistent_workers and val_loader.persistent_workers
